@@ -1,0 +1,70 @@
+"""Stage configs are small kw-only dataclasses; this module turns them into argparse
+options (one flag per field, help from the field's docstring-like `help` metadata) and
+back, so every stage has the same command-line conventions."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, **kw) -> Any:
+    """A dataclass field carrying its command-line help (and optionally a positional flag)."""
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(element type, is_list) for annotations like `int`, `str | None`, `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--field-name` option per dataclass field; fields with flag='positional' are positional."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, is_list = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.metadata.get("flag") == "positional":
+            parser.add_argument(f.name, nargs="+" if is_list else None, type=tp, help=help_text)
+            continue
+        name = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+        else:
+            default = None if required else (f.default_factory() if f.default_factory
+                                             is not dataclasses.MISSING else f.default)
+            if not required and default is not None:
+                help_text += f" (default: {default})"
+            parser.add_argument(name, dest=f.name, type=tp, nargs="+" if is_list else None,
+                                required=required, default=default, help=help_text)
+
+
+def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def to_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def describe(cfg: Any) -> str:
+    """The resolved config, printed at the start of every stage."""
+    lines = [f"{type(cfg).__name__}:"]
+    lines += [f"  {k}: {v}" for k, v in to_dict(cfg).items()]
+    return "\n".join(lines)

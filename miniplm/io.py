@@ -1,0 +1,189 @@
+"""Storage shared by every stage: fsspec paths (local or s3://, gs://, ...), Parquet parts
+that appear atomically, `_manifest.json` / `_job.json` records and fingerprints.
+
+A stage's output folder holds numbered `part-*.parquet` files, a `_job.json` written when
+the stage starts (what it was asked to do, so a re-run with other inputs refuses instead
+of mixing) and a `_manifest.json` written last (counts, fingerprints; its presence means
+the stage finished). Parts are written under `_tmp/` and moved into place, so a part file
+with a final name is always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+MANIFEST = "_manifest.json"
+JOB = "_job.json"
+TMP = "_tmp"
+PART_GLOB = "part-*.parquet"
+
+
+def join(root: str, *names: str) -> str:
+    """Join path segments for local paths and URLs alike."""
+    return posixpath.join(root.rstrip("/"), *names)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def list_parts(root: str) -> list[str]:
+    """Finished part files in a stage folder, sorted by name, as URLs."""
+    fs, path = url_to_fs(root)
+    found = fs.glob(posixpath.join(path, PART_GLOB))
+    return sorted(fs.unstrip_protocol(p) for p in found)
+
+
+def arrow_filesystem(fs):
+    """The pyarrow filesystem for an fsspec one (None for local disk: pyarrow's own is faster)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def read_json(url: str) -> Any:
+    with fsspec.open(url, "r") as f:
+        return json.load(f)
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Write JSON so that a reader never sees half a file (tmp name, then move)."""
+    _atomic_write(url, json.dumps(obj, indent=2, sort_keys=False).encode())
+
+
+def _atomic_write(url: str, data: bytes) -> None:
+    fs, path = url_to_fs(url)
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, TMP, f"{name}.{uuid.uuid4().hex}")
+    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def write_parquet(url: str, table: pa.Table, metadata: dict | None = None) -> None:
+    """Write one Parquet part atomically, provenance stored in the file's key-value metadata."""
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta[b"miniplm"] = json.dumps(metadata).encode()
+        table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    _atomic_write(url, sink.getvalue().to_pybytes())
+
+
+def read_parquet_metadata(url: str) -> dict:
+    """The `miniplm` provenance a part file was written with ({} when none)."""
+    with fsspec.open(url, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return json.loads(meta[b"miniplm"]) if b"miniplm" in meta else {}
+
+
+def clear_tmp(root: str) -> None:
+    """Drop leftovers of writes a killed run never finished."""
+    fs, path = url_to_fs(root)
+    tmp = posixpath.join(path, TMP)
+    if fs.exists(tmp):
+        fs.rm(tmp, recursive=True)
+
+
+def write_manifest(root: str, manifest: dict) -> None:
+    """Mark a stage's output finished: the manifest goes last, then write leftovers go."""
+    write_json(join(root, MANIFEST), manifest)
+    clear_tmp(root)
+
+
+def remove_dir(root: str) -> None:
+    fs, path = url_to_fs(root)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def claim_output(root: str, job: dict, *, overwrite: bool, what: str) -> bool:
+    """Make `root` the output of `job`. Returns True when it already holds this job's
+    finished output. A folder made by a different job is refused unless `overwrite`."""
+    job_url, manifest_url = join(root, JOB), join(root, MANIFEST)
+    if overwrite:
+        remove_dir(root)
+    elif exists(job_url):
+        previous = read_json(job_url)
+        if previous != job:
+            diff = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+            raise ValueError(
+                f"{root} already holds {what} made with different settings ({', '.join(diff)} "
+                f"differ). Use another --output, or --overwrite to replace it.")
+        return exists(manifest_url)
+    elif list_parts(root):
+        raise ValueError(f"{root} holds part files but no {JOB}: not made by this stage. "
+                         "Use another --output, or --overwrite to replace it.")
+    fs, path = url_to_fs(root)
+    fs.makedirs(path, exist_ok=True)
+    write_json(job_url, job)
+    return False
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+class RowSetHash:
+    """Order-independent fingerprint of a multiset of rows: the sum of per-row 128-bit
+    BLAKE2b digests mod 2**128. Parts hash in parallel and their sums combine exactly."""
+
+    MOD = 1 << 128
+
+    def __init__(self, total: int = 0, count: int = 0):
+        self.total, self.count = total, count
+
+    def add(self, *fields: str) -> None:
+        data = "\x00".join(fields).encode("utf-8", "surrogatepass")
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        self.total = (self.total + int.from_bytes(digest, "little")) % self.MOD
+        self.count += 1
+
+    def merge(self, other: "RowSetHash") -> None:
+        self.total = (self.total + other.total) % self.MOD
+        self.count += other.count
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(f"{self.total:032x}:{self.count}".encode()).hexdigest()[:32]
+
+    def state(self) -> dict:
+        return {"sum": f"{self.total:032x}", "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RowSetHash":
+        return cls(int(state["sum"], 16), int(state["count"]))
+
+
+def hash_files(urls: Iterable[str], chunk: int = 1 << 22) -> str:
+    """SHA-256 over the contents of files, in the given order (names not included, so a
+    copied checkpoint keeps its fingerprint)."""
+    h = hashlib.sha256()
+    for url in urls:
+        with fsspec.open(url, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()[:32]
+
+
+def hash_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]

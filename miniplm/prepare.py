@@ -1,0 +1,400 @@
+"""prepare: raw corpus files -> the instances dataset (`id, text, n_bytes, source`).
+
+Reads .jsonl/.json, .parquet and .txt files (optionally .gz/.bz2/.xz/.zst compressed), local
+or any fsspec URL, one Ray Data task per file. Long documents are split at paragraph, line or
+word boundaries into instances of at most `max_chars` characters. An instance id is
+`<file relative to the inputs' common folder>:<row>:<chunk>`, stable across re-runs and
+machines. Bad rows are skipped and counted per reason (or, with `strict`, stop the run
+naming file and line). Each input file writes its own numbered parts and then a completion
+marker, so a killed run re-runs only unfinished files.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import posixpath
+import time
+from typing import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from miniplm import __version__, io
+from miniplm.config import describe, field, to_dict
+
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+INSTANCE_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()),
+                             ("n_bytes", pa.int64()), ("source", pa.string())])
+DONE = "_done"
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class PrepareConfig:
+    inputs: list[str] = field(help="corpus files, folders or globs (local paths or fsspec URLs)",
+                              flag="positional")
+    output: str = field(help="folder for the instances dataset (local path or fsspec URL)")
+    text_field: str = field("text", help="JSON field / Parquet column holding the text")
+    lines: bool = field(False, help=".txt files hold one document per line (else one per file)")
+    max_chars: int = field(8192, help="split documents longer than this many characters")
+    source: str | None = field(None, help="`source` label for every instance (default: file stem)")
+    strict: bool = field(False, help="stop at the first bad row, naming file and line")
+    rows_per_part: int = field(50_000, help="instances per Parquet part")
+    overwrite: bool = field(False, help="replace an output folder made with other settings")
+
+    def __post_init__(self):
+        if not self.inputs:
+            raise ValueError("inputs: give at least one corpus file, folder or glob")
+        if self.max_chars < 1:
+            raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
+        if self.rows_per_part < 1:
+            raise ValueError(f"rows_per_part must be >= 1, got {self.rows_per_part}")
+
+
+class BadRecord(ValueError):
+    """A row that `strict` mode refuses; the message names file and line."""
+
+
+# ---------------------------------------------------------------- finding files
+
+
+def file_format(path: str) -> str:
+    name = posixpath.basename(path).lower()
+    for ext in COMPRESSIONS:
+        name = name.removesuffix(ext)
+    for ext, fmt in FORMATS.items():
+        if name.endswith(ext):
+            return fmt
+    raise ValueError(f"{path}: unknown corpus format; expected one of "
+                     f"{', '.join(FORMATS)} (optionally {', '.join(COMPRESSIONS)})")
+
+
+def file_stem(path: str) -> str:
+    name = posixpath.basename(path)
+    for ext in COMPRESSIONS + tuple(FORMATS):
+        name = name.removesuffix(ext)
+    return name
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Corpus files (as URLs) behind files, folders and globs, sorted, each format-checked."""
+    urls: list[str] = []
+    for pattern in patterns:
+        fs, path = url_to_fs(pattern)
+        if any(c in path for c in "*?["):
+            found = fs.glob(path)
+        elif fs.isdir(path):
+            found = [p for p in fs.find(path) if _is_corpus_file(p)]
+        elif fs.exists(path):
+            found = [path]
+        else:
+            raise FileNotFoundError(f"{pattern}: no such file or folder")
+        if not found:
+            raise FileNotFoundError(f"{pattern}: matched no corpus files")
+        urls += [fs.unstrip_protocol(p) for p in found]
+    urls = sorted(set(urls))
+    for url in urls:
+        file_format(url)
+    return urls
+
+
+def _is_corpus_file(path: str) -> bool:
+    try:
+        return not posixpath.basename(path).startswith((".", "_")) and bool(file_format(path))
+    except ValueError:
+        return False
+
+
+def relative_names(urls: list[str]) -> list[str]:
+    """Each file's path relative to the deepest folder holding all of them: the stable
+    first part of an instance id (the same corpus on local disk or in a bucket)."""
+    paths = [url_to_fs(u)[1] for u in urls]
+    root = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if paths else ""
+    return [posixpath.relpath(p, root) if root else p for p in paths]
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def _decode(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _check_text(value: object) -> tuple[str | None, str | None]:
+    """(text, None) for a usable value, else (None, reason)."""
+    if value is None:
+        return None, "null_text"
+    if not isinstance(value, str):
+        return None, "non_string_text"
+    if not value.strip():
+        return None, "empty_text"
+    return value, None
+
+
+def read_json_rows(url: str, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:
+    with fsspec.open(url, "rb", compression="infer") as f:
+        head = f.read(1 << 16)
+        is_array = head.lstrip()[:1] == b"["
+        f.seek(0)
+        if is_array:  # a .json file holding one array of records
+            records = json.load(f)
+            for row, rec in enumerate(records):
+                yield row, *_json_record_text(rec, text_field)
+            return
+        for row, raw in enumerate(f):
+            if not raw.strip():
+                continue  # blank lines separate nothing in JSON Lines; not a record
+            line = _decode(raw)
+            if line is None:
+                yield row, None, "invalid_utf8"
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                yield row, None, "invalid_json"
+                continue
+            yield row, *_json_record_text(rec, text_field)
+
+
+def _json_record_text(rec: object, text_field: str) -> tuple[str | None, str | None]:
+    if not isinstance(rec, dict) or text_field not in rec:
+        return None, "missing_text"
+    return _check_text(rec[text_field])
+
+
+def read_parquet_rows(url: str, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:
+    with fsspec.open(url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        names = pf.schema_arrow.names
+        if text_field not in names:
+            raise ValueError(f"{url}: no column {text_field!r} (columns: {', '.join(names)}); "
+                             "pass --text-field")
+        kind = pf.schema_arrow.field(text_field).type
+        is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        if not (is_binary or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(f"{url}: column {text_field!r} has type {kind}, not text")
+        row = 0
+        for batch in pf.iter_batches(columns=[text_field], batch_size=8192):
+            for value in batch.column(0).to_pylist():
+                if is_binary and value is not None:
+                    value = _decode(value)
+                    if value is None:
+                        yield row, None, "invalid_utf8"
+                        row += 1
+                        continue
+                yield row, *_check_text(value)
+                row += 1
+
+
+def read_text_rows(url: str, per_line: bool) -> Iterator[tuple[int, str | None, str | None]]:
+    with fsspec.open(url, "rb", compression="infer") as f:
+        if not per_line:
+            text = _decode(f.read())
+            yield (0, None, "invalid_utf8") if text is None else (0, *_check_text(text))
+            return
+        for row, raw in enumerate(f):
+            line = _decode(raw.rstrip(b"\r\n"))
+            if line is None:
+                yield row, None, "invalid_utf8"
+            elif line.strip():  # blank lines are spacing, not documents
+                yield row, line, None
+
+
+def read_rows(url: str, cfg: PrepareConfig) -> Iterator[tuple[int, str | None, str | None]]:
+    """(row, text, skip_reason) for every record of one corpus file."""
+    fmt = file_format(url)
+    if fmt == "json":
+        return read_json_rows(url, cfg.text_field)
+    if fmt == "parquet":
+        return read_parquet_rows(url, cfg.text_field)
+    return read_text_rows(url, cfg.lines)
+
+
+# ---------------------------------------------------------------- chunking
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Split into pieces of at most `max_chars`, cutting after the last paragraph break,
+    else line break, else space in the second half of the window (else hard). Lossless:
+    the pieces concatenate to the text; whitespace-only pieces are dropped."""
+    pieces = []
+    while len(text) > max_chars:
+        window = text[:max_chars]
+        cut = 0
+        for sep in ("\n\n", "\n", " ", "\t"):
+            pos = window.rfind(sep)
+            if pos + len(sep) > max_chars // 2:
+                cut = pos + len(sep)
+                break
+        cut = cut or max_chars
+        pieces.append(text[:cut])
+        text = text[cut:]
+    pieces.append(text)
+    return [p for p in pieces if p.strip()]
+
+
+# ---------------------------------------------------------------- one file
+
+
+class PartWriter:
+    """Buffers instances of one input file and writes `part-<file>-<k>.parquet` parts."""
+
+    def __init__(self, output: str, file_index: int, rows_per_part: int):
+        self.output, self.file_index, self.rows_per_part = output, file_index, rows_per_part
+        self.rows: dict[str, list] = {name: [] for name in INSTANCE_SCHEMA.names}
+        self.parts: list[dict] = []
+        self.hash = io.RowSetHash()
+
+    def add(self, id_: str, text: str, source: str) -> None:
+        self.rows["id"].append(id_)
+        self.rows["text"].append(text)
+        self.rows["n_bytes"].append(len(text.encode("utf-8", "surrogatepass")))
+        self.rows["source"].append(source)
+        self.hash.add(id_, text)
+        if len(self.rows["id"]) >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        n = len(self.rows["id"])
+        if not n:
+            return
+        name = f"part-{self.file_index:05d}-{len(self.parts):05d}.parquet"
+        table = pa.Table.from_pydict(self.rows, schema=INSTANCE_SCHEMA)
+        io.write_parquet(io.join(self.output, name), table)
+        self.parts.append({"name": name, "rows": n, "bytes": sum(self.rows["n_bytes"])})
+        self.rows = {k: [] for k in self.rows}
+
+
+def prepare_file(url: str, rel_name: str, file_index: int, cfg: PrepareConfig) -> dict:
+    """Turn one corpus file into instance parts; returns its stats (also its done-marker)."""
+    source = cfg.source or file_stem(url)
+    writer = PartWriter(cfg.output, file_index, cfg.rows_per_part)
+    skipped: collections.Counter = collections.Counter()
+    documents = 0
+    for row, text, reason in read_rows(url, cfg):
+        if reason:
+            if cfg.strict:
+                raise BadRecord(f"{url}, line {row + 1}: {reason.replace('_', ' ')}")
+            skipped[reason] += 1
+            continue
+        documents += 1
+        for k, chunk in enumerate(split_text(text, cfg.max_chars)):
+            writer.add(f"{rel_name}:{row}:{k}", chunk, source)
+    writer.flush()
+    stats = {"file": url, "file_index": file_index, "source": source, "documents": documents,
+             "instances": writer.hash.count, "skipped": dict(skipped), "parts": writer.parts,
+             "hash": writer.hash.state()}
+    io.write_json(io.join(cfg.output, DONE, f"{file_index:05d}.json"), stats)
+    return stats
+
+
+def _prepare_files(batch: dict, cfg: PrepareConfig) -> dict:
+    """Ray Data map_batches function (CPU tasks): one corpus file per row."""
+    stats = [prepare_file(str(u), str(r), int(i), cfg)
+             for u, r, i in zip(batch["url"], batch["rel_name"], batch["file_index"])]
+    return {"stats": [json.dumps(s) for s in stats]}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run_prepare(cfg: PrepareConfig) -> dict:
+    """Run the prepare stage; returns its manifest."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from miniplm.runtime import init_ray
+
+    print(describe(cfg), flush=True)
+    started = time.time()
+    urls = expand_inputs(cfg.inputs)
+    if io.claim_output(cfg.output, job_record(cfg, urls), overwrite=cfg.overwrite, what="an instances dataset"):
+        manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
+        print(f"prepare: {cfg.output} is already complete ({manifest['instances']} instances); "
+              "nothing to do")
+        return manifest
+    io.clear_tmp(cfg.output)
+
+    done = _finished_files(cfg.output)
+    todo = [{"url": u, "rel_name": r, "file_index": i}
+            for i, (u, r) in enumerate(zip(urls, relative_names(urls))) if i not in done]
+    if done:
+        print(f"prepare: resuming, {len(done)} of {len(urls)} files already done")
+    if todo:
+        init_ray()
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map_batches(_prepare_files, fn_kwargs={"cfg": cfg}, batch_size=1,
+                            compute=ray.data.TaskPoolStrategy(), num_cpus=1)
+        bar = tqdm(total=len(todo), desc="prepare", unit="file")
+        for row in ds.iter_rows():
+            stats = json.loads(row["stats"])
+            done[stats["file_index"]] = stats
+            bar.update(1)
+            bar.set_postfix(instances=sum(s["instances"] for s in done.values()))
+        bar.close()
+
+    manifest = _manifest(cfg, urls, done, time.time() - started)
+    io.write_manifest(cfg.output, manifest)
+    print(summary(manifest), flush=True)
+    return manifest
+
+
+def job_record(cfg: PrepareConfig, urls: list[str]) -> dict:
+    """What a prepare output is made of: a re-run must match it to resume."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite", "inputs")}
+    return {"stage": "prepare", "files": urls, **settings}
+
+
+def _finished_files(output: str) -> dict[int, dict]:
+    fs, path = url_to_fs(io.join(output, DONE))
+    if not fs.exists(path):
+        return {}
+    stats = [io.read_json(fs.unstrip_protocol(p)) for p in fs.glob(posixpath.join(path, "*.json"))]
+    return {s["file_index"]: s for s in stats}
+
+
+def _manifest(cfg: PrepareConfig, urls: list[str], done: dict[int, dict], seconds: float) -> dict:
+    fingerprint = io.RowSetHash()
+    skipped: collections.Counter = collections.Counter()
+    sources: collections.Counter = collections.Counter()
+    parts = []
+    for i in sorted(done):
+        s = done[i]
+        fingerprint.merge(io.RowSetHash.from_state(s["hash"]))
+        skipped.update(s["skipped"])
+        sources[s["source"]] += s["instances"]
+        parts += s["parts"]
+    return {
+        "stage": "prepare",
+        "version": __version__,
+        "config": to_dict(cfg),
+        "files": len(urls),
+        "documents": sum(s["documents"] for s in done.values()),
+        "instances": fingerprint.count,
+        "bytes": sum(p["bytes"] for p in parts),
+        "skipped": dict(sorted(skipped.items())),
+        "sources": dict(sorted(sources.items())),
+        "fingerprint": fingerprint.hexdigest(),
+        "parts": parts,
+        "seconds": round(seconds, 2),
+    }
+
+
+def summary(manifest: dict) -> str:
+    skipped = manifest["skipped"]
+    lines = [f"prepare: {manifest['files']} files, {manifest['documents']} documents -> "
+             f"{manifest['instances']} instances ({manifest['bytes'] / 1e6:.1f} MB) in "
+             f"{len(manifest['parts'])} parts, fingerprint {manifest['fingerprint']}"]
+    if skipped:
+        lines.append(f"  skipped {sum(skipped.values())} bad rows: "
+                     + ", ".join(f"{k}={v}" for k, v in skipped.items()))
+    else:
+        lines.append("  skipped 0 bad rows")
+    return "\n".join(lines)

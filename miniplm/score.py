@@ -1,0 +1,305 @@
+"""score: instances + one HF causal LM -> score table (`id, n_tokens, logprob`).
+
+Ray Data reads the instance parts, CPU tasks tokenise with the model's tokenizer, and an
+actor pool (one model copy per actor, one GPU each on GPU) computes every instance's summed
+log-probability (`miniplm.logprob`). The driver collects the small score rows and writes one
+output part per input part as soon as all of that part's rows are in, so a killed run
+re-scores only unfinished parts. Provenance (model / tokenizer / instances fingerprints,
+max length, dtype, version) goes into every part's Parquet metadata and `_manifest.json`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import posixpath
+import time
+from typing import Callable
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.core import url_to_fs
+
+from miniplm import __version__, io
+from miniplm.config import describe, field, to_dict
+
+SCORE_SCHEMA = pa.schema([("id", pa.string()), ("n_tokens", pa.int64()), ("logprob", pa.float64())])
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ScoreConfig:
+    instances: str = field(help="instances dataset folder (from `miniplm prepare` or `select`)")
+    model: str = field(help="local folder of a Hugging Face causal LM and its tokenizer")
+    output: str = field(help="folder for the score table (local path or fsspec URL)")
+    max_length: int | None = field(None, help="context per forward pass (default: the model's)")
+    stride: int | None = field(None, help="tokens each sliding window adds (default: max_length // 2)")
+    batch_tokens: int = field(16384, help="padded tokens per forward pass")
+    rows_per_batch: int = field(512, help="instances each actor call sorts by length and packs")
+    workers: int = field(1, help="scoring actors (model copies); one GPU each on GPU")
+    cpus_per_worker: float = field(1.0, help="CPUs reserved per scoring actor")
+    device: str = field("auto", help="cpu, cuda, or auto (cuda when the cluster has GPUs)")
+    dtype: str = field("auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
+    trust_remote_code: bool = field(False, help="allow model code shipped with the checkpoint")
+    overwrite: bool = field(False, help="replace an output folder made with another model or instances")
+
+    def __post_init__(self):
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_tokens", "rows_per_batch", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Cached per worker process: Ray reuses workers, so each loads the tokenizer once."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.model_max_length = 1 << 62  # we window long texts ourselves; silence the length warning
+    return tok
+
+
+def load_model(path: str, *, device: str, dtype: str, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, resolve_dtype(dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def check_model_dir(path: str) -> None:
+    if not posixpath.isfile(posixpath.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path}: no config.json there; expected a local folder "
+                                "written by save_pretrained (model + tokenizer)")
+
+
+def model_fingerprint(path: str) -> str:
+    """Config + weights content: the same checkpoint copied elsewhere keeps its fingerprint."""
+    fs, root = url_to_fs(path)
+    weights = sorted(p for p in fs.ls(root, detail=False)
+                     if p.endswith((".safetensors", ".bin", ".pt")) and "training_args" not in p)
+    if not weights:
+        raise FileNotFoundError(f"--model {path}: no weight files (*.safetensors, *.bin)")
+    return io.hash_files([posixpath.join(root, "config.json"), *weights])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokenizer does (vocabulary, merges, normalisation, special tokens), not where it
+    lives: two checkpoints sharing a tokenizer agree, so per-token scores are comparable."""
+    import json
+
+    from miniplm.logprob import prefix_token_id
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else sorted(tokenizer.get_vocab().items())
+    return io.hash_json({"tokenizer": spec, "prefix": prefix_token_id(tokenizer)})
+
+
+# ---------------------------------------------------------------- Ray Data steps
+
+
+def tokenize_batch(batch: dict, tokenizer_path: str, trust_remote_code: bool) -> dict:
+    """CPU task: text -> token ids (no special tokens; the scorer adds the prefix token)."""
+    tok = load_tokenizer(tokenizer_path, trust_remote_code)
+    ids = tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
+    return {"id": batch["id"], "path": batch["path"],
+            "input_ids": np.array([np.asarray(x, dtype=np.int32) for x in ids] + [None], dtype=object)[:-1],
+            "n_tokens": np.array([len(x) for x in ids], dtype=np.int64)}
+
+
+class ScoreActor:
+    """One model copy: loads once, scores batches of tokenised instances."""
+
+    def __init__(self, model_path: str, *, device: str, dtype: str, max_length: int, stride: int,
+                 batch_tokens: int, trust_remote_code: bool, num_threads: int):
+        import torch
+
+        from miniplm.logprob import SequenceScorer, prefix_token_id
+
+        if device == "cpu":
+            torch.set_num_threads(num_threads)
+        model = load_model(model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        prefix = prefix_token_id(load_tokenizer(model_path, trust_remote_code))
+        self.scorer = SequenceScorer(model, max_length=max_length, stride=stride,
+                                     batch_tokens=batch_tokens, prefix_id=prefix)
+
+    def __call__(self, batch: dict) -> dict:
+        logprob = self.scorer.score(list(batch["input_ids"]))
+        bad = np.flatnonzero(~np.isfinite(logprob))
+        if len(bad):
+            raise ValueError(f"non-finite log-probability ({logprob[bad[0]]}) for instance "
+                             f"{batch['id'][bad[0]]!r} in {batch['path'][bad[0]]}")
+        return {"id": batch["id"], "path": batch["path"], "n_tokens": batch["n_tokens"],
+                "logprob": logprob}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = None) -> dict:
+    """Run the score stage; returns its manifest. `on_part_written(name)` is called after
+    each finished output part (progress hooks; tests use it to interrupt a run)."""
+    import ray
+
+    from miniplm.logprob import context_length
+    from miniplm.runtime import init_ray
+
+    print(describe(cfg), flush=True)
+    started = time.time()
+    instances = read_instances_manifest(cfg.instances)
+    check_model_dir(cfg.model)
+    from transformers import AutoConfig
+
+    max_length = cfg.max_length or context_length(AutoConfig.from_pretrained(
+        cfg.model, trust_remote_code=cfg.trust_remote_code)) or 2048
+    stride = cfg.stride or max(1, max_length // 2)
+    init_ray()
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    job = {"stage": "score", "model_fingerprint": model_fingerprint(cfg.model),
+           "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+           "instances_fingerprint": instances["fingerprint"],
+           "max_length": max_length, "stride": stride, "dtype": dtype}
+    provenance = {"model": cfg.model, "instances": cfg.instances, **job, "version": __version__}
+    if io.claim_output(cfg.output, job, overwrite=cfg.overwrite, what="a score table"):
+        manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
+        print(f"score: {cfg.output} is already complete ({manifest['rows']} rows); nothing to do")
+        return manifest
+    io.clear_tmp(cfg.output)
+
+    expected = {p["name"]: p["rows"] for p in instances["parts"]}
+    finished = {posixpath.basename(u) for u in io.list_parts(cfg.output)} & set(expected)
+    pending = [name for name in expected if name not in finished]
+    if finished:
+        print(f"score: resuming, {len(finished)} of {len(expected)} parts already scored")
+    if pending:
+        ds = _scoring_pipeline(cfg, [io.join(cfg.instances, n) for n in pending], device=device,
+                               dtype=dtype, max_length=max_length, stride=stride)
+        _collect_parts(ds, cfg.output, {n: expected[n] for n in pending}, provenance, on_part_written)
+
+    manifest = _finish(cfg, provenance, expected, time.time() - started)
+    print(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
+          f"token {manifest['mean_logprob_per_token']:.4f}, in {manifest['seconds']:.1f}s -> {cfg.output}")
+    return manifest
+
+
+def read_instances_manifest(root: str) -> dict:
+    url = io.join(root, io.MANIFEST)
+    if not io.exists(url):
+        raise FileNotFoundError(f"{root}: no {io.MANIFEST}; is it an instances dataset written by "
+                                "`miniplm prepare` or `miniplm select`?")
+    manifest = io.read_json(url)
+    if "fingerprint" not in manifest or "parts" not in manifest:
+        raise ValueError(f"{url}: not an instances manifest (no fingerprint/parts)")
+    return manifest
+
+
+def _scoring_pipeline(cfg: ScoreConfig, part_urls: list[str], *, device: str, dtype: str,
+                      max_length: int, stride: int):
+    import ray
+
+    fs, _ = url_to_fs(part_urls[0])
+    ds = ray.data.read_parquet([url_to_fs(u)[1] for u in part_urls], columns=["id", "text"],
+                               include_paths=True, filesystem=io.arrow_filesystem(fs))
+    ds = ds.map_batches(tokenize_batch, fn_kwargs={"tokenizer_path": cfg.model,
+                                                   "trust_remote_code": cfg.trust_remote_code},
+                        batch_size=cfg.rows_per_batch, num_cpus=0.5)
+    gpu = device == "cuda"
+    return ds.map_batches(
+        ScoreActor,
+        fn_constructor_kwargs=dict(model_path=cfg.model, device=device, dtype=dtype,
+                                   max_length=max_length, stride=stride,
+                                   batch_tokens=cfg.batch_tokens,
+                                   trust_remote_code=cfg.trust_remote_code,
+                                   num_threads=max(1, int(cfg.cpus_per_worker))),
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        batch_size=cfg.rows_per_batch,
+        num_gpus=1 if gpu else 0,
+        num_cpus=cfg.cpus_per_worker,
+        # a lost actor is restarted and its batch retried, instead of failing the run
+        ray_remote_args={"max_restarts": -1, "max_task_retries": -1},
+    )
+
+
+def _collect_parts(ds, output: str, expected: dict[str, int], provenance: dict,
+                   on_part_written: Callable[[str], None] | None) -> None:
+    """Buffer score rows per input part; write a part the moment its last row arrives."""
+    from tqdm.auto import tqdm
+
+    buffers: dict[str, list[pa.Table]] = collections.defaultdict(list)
+    counts: collections.Counter = collections.Counter()
+    bar = tqdm(total=sum(expected.values()), desc="score", unit="inst")
+    tokens, started = 0, time.time()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        names = np.array([posixpath.basename(p) for p in batch.column("path").to_pylist()])
+        for name in np.unique(names):
+            rows = batch.filter(pa.array(names == name)).select(SCORE_SCHEMA.names)
+            buffers[name].append(rows)
+            counts[name] += rows.num_rows
+            if counts[name] > expected[name]:
+                raise RuntimeError(f"part {name}: got {counts[name]} score rows for "
+                                   f"{expected[name]} instances (duplicated rows)")
+            if counts[name] == expected[name]:
+                _write_part(output, name, buffers.pop(name), provenance)
+                if on_part_written:
+                    on_part_written(name)
+        tokens += pc.sum(batch.column("n_tokens")).as_py() or 0
+        bar.update(batch.num_rows)
+        bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):,.0f}")
+    bar.close()
+    missing = {n: expected[n] - counts[n] for n in expected if counts[n] != expected[n]}
+    if missing:
+        raise RuntimeError(f"score rows missing for parts {missing} (instances changed while scoring?)")
+
+
+def _write_part(output: str, name: str, tables: list[pa.Table], provenance: dict) -> None:
+    table = pa.concat_tables(tables).cast(SCORE_SCHEMA)
+    table = table.sort_by("id")  # deterministic: the same table whatever order rows arrived in
+    io.write_parquet(io.join(output, name), table, metadata=provenance)
+
+
+def _finish(cfg: ScoreConfig, provenance: dict, expected: dict[str, int], seconds: float) -> dict:
+    """Check the finished table against the instances and write its manifest."""
+    import pyarrow.parquet as pq
+
+    rows = tokens = 0
+    logprob = 0.0
+    parts = []
+    for name, n in expected.items():
+        with fsspec.open(io.join(cfg.output, name), "rb") as f:
+            table = pq.read_table(f, columns=["n_tokens", "logprob"])
+        if table.num_rows != n:
+            raise RuntimeError(f"{cfg.output}/{name}: {table.num_rows} rows, expected {n}")
+        part_tokens = pc.sum(table["n_tokens"]).as_py() or 0
+        rows, tokens = rows + n, tokens + part_tokens
+        logprob += pc.sum(table["logprob"]).as_py() or 0.0
+        parts.append({"name": name, "rows": n, "tokens": part_tokens})
+    manifest = {"stage": "score", "version": __version__, "config": to_dict(cfg), "provenance": provenance,
+                "rows": rows, "tokens": tokens,
+                "mean_logprob_per_token": logprob / tokens if tokens else float("nan"),
+                "parts": parts, "seconds": round(seconds, 2)}
+    io.write_manifest(cfg.output, manifest)
+    return manifest

@@ -1,0 +1,115 @@
+"""Shared fixtures: one in-process Ray for the session, real text, a BPE tokenizer trained
+here with `tokenizers`, and tiny HF models built from config and saved like real checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import pathlib
+
+import pytest
+
+STDLIB_MODULES = ["json", "argparse", "collections", "functools", "itertools", "pathlib",
+                  "subprocess", "threading", "logging", "unittest", "typing", "dataclasses",
+                  "asyncio", "csv", "email", "http.client", "inspect", "re", "string", "textwrap"]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def documents() -> list[str]:
+    """Real English prose and code: docstrings of standard-library modules and functions."""
+    docs = []
+    for name in STDLIB_MODULES:
+        module = importlib.import_module(name)
+        if module.__doc__:
+            docs.append(inspect.cleandoc(module.__doc__))
+        for _, obj in sorted(vars(module).items()):
+            doc = getattr(obj, "__doc__", None) if callable(obj) else None
+            if isinstance(doc, str) and len(doc) > 80 and getattr(obj, "__module__", None) == name:
+                docs.append(inspect.cleandoc(doc))
+    return docs
+
+
+def write_jsonl(path: pathlib.Path, records: list) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def train_tokenizer(docs: list[str], out: pathlib.Path, *, vocab_size: int = 512,
+                    bos: bool = True) -> pathlib.Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>"] + (["<s>"] if bos else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   bos_token="<s>" if bos else None)
+    fast.save_pretrained(out)
+    return out
+
+
+def save_tiny_model(kind: str, tokenizer_dir: pathlib.Path, out: pathlib.Path, *,
+                    context: int = 64, seed: int = 0, hidden: int = 64, layers: int = 2) -> pathlib.Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=context, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    else:
+        config = GPT2Config(vocab_size=len(tok), n_embd=hidden, n_layer=layers, n_head=4,
+                            n_positions=context, bos_token_id=tok.eos_token_id,
+                            eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init is near-uniform; sharpen it so scores differ by text
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(documents, tmp_path_factory) -> pathlib.Path:
+    return train_tokenizer(documents, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tokenizer_dir, tmp_path_factory) -> pathlib.Path:
+    return save_tiny_model("llama", tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_eos_only_dir(documents, tmp_path_factory) -> pathlib.Path:
+    """A GPT-2-family model whose tokenizer has no BOS: sequences start with EOS."""
+    tok = train_tokenizer(documents, tmp_path_factory.mktemp("tok_eos"), vocab_size=400, bos=False)
+    return save_tiny_model("gpt2", tok, tmp_path_factory.mktemp("gpt2"), context=48)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(documents, tmp_path_factory) -> pathlib.Path:
+    """Two JSONL files of real text, some documents far longer than the tiny models' context."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_jsonl(root / "docs_a.jsonl", [{"text": d} for d in documents[0::2]])
+    write_jsonl(root / "docs_b.jsonl", [{"text": d} for d in documents[1::2]])
+    return root
