@@ -43,7 +43,7 @@ class PrepareConfig:
     max_chars: int = field(8192, help="split documents longer than this many characters")
     source: str | None = field(None, help="`source` label for every instance (default: file stem)")
     strict: bool = field(False, help="stop at the first bad row, naming file and line")
-    rows_per_part: int = field(50_000, help="instances per Parquet part")
+    rows_per_part: int = field(10_000, help="instances per Parquet part (the unit of scoring and resume)")
     overwrite: bool = field(False, help="replace an output folder made with other settings")
 
     def __post_init__(self):

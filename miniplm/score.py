@@ -21,6 +21,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from miniplm import __version__, io
@@ -38,7 +39,6 @@ class ScoreConfig:
     max_length: int | None = field(None, help="context per forward pass (default: the model's)")
     stride: int | None = field(None, help="tokens each sliding window adds (default: max_length // 2)")
     batch_tokens: int = field(16384, help="padded tokens per forward pass")
-    rows_per_batch: int = field(512, help="instances each actor call sorts by length and packs")
     workers: int = field(1, help="scoring actors (model copies); one GPU each on GPU")
     cpus_per_worker: float = field(1.0, help="CPUs reserved per scoring actor")
     device: str = field("auto", help="cpu, cuda, or auto (cuda when the cluster has GPUs)")
@@ -51,7 +51,7 @@ class ScoreConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("batch_tokens", "rows_per_batch", "workers"):
+        for name in ("batch_tokens", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
@@ -118,17 +118,40 @@ def tokenizer_fingerprint(tokenizer) -> str:
 # ---------------------------------------------------------------- Ray Data steps
 
 
-def tokenize_batch(batch: dict, tokenizer_path: str, trust_remote_code: bool) -> dict:
-    """CPU task: text -> token ids (no special tokens; the scorer adds the prefix token)."""
+def tokenize_part(batch: dict, tokenizer_path: str, trust_remote_code: bool) -> pa.Table:
+    """CPU task: one instances part -> one row holding all its ids and token ids.
+
+    A whole part travels as one row so the actor scores it in one call, with micro-batches
+    that depend only on the part: a resumed run reproduces a clean run's floats exactly."""
     tok = load_tokenizer(tokenizer_path, trust_remote_code)
-    ids = tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
-    return {"id": batch["id"], "path": batch["path"],
-            "input_ids": np.array([np.asarray(x, dtype=np.int32) for x in ids] + [None], dtype=object)[:-1],
-            "n_tokens": np.array([len(x) for x in ids], dtype=np.int64)}
+    rows = []
+    for part, url in zip(batch["part"], batch["url"]):
+        with fsspec.open(str(url), "rb") as f:
+            table = pq.read_table(f, columns=["id", "text"])
+        ids = tok(table["text"].to_pylist(), add_special_tokens=False)["input_ids"]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+        rows.append({"part": str(part), "id": table["id"].combine_chunks(),
+                     "input_ids": pa.LargeListArray.from_arrays(offsets, flat),
+                     "n_tokens": pa.array(lengths)})
+    return pa.Table.from_pydict({
+        "part": [r["part"] for r in rows],
+        "id": _list_of(r["id"] for r in rows),
+        "input_ids": _list_of(r["input_ids"] for r in rows),
+        "n_tokens": _list_of(r["n_tokens"] for r in rows),
+    })
+
+
+def _list_of(arrays) -> pa.Array:
+    """A list<...> column whose i-th value is the i-th array."""
+    arrays = list(arrays)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+    return pa.LargeListArray.from_arrays(offsets, pa.concat_arrays(arrays))
 
 
 class ScoreActor:
-    """One model copy: loads once, scores batches of tokenised instances."""
+    """One model copy: loads once, then scores one tokenised part per row."""
 
     def __init__(self, model_path: str, *, device: str, dtype: str, max_length: int, stride: int,
                  batch_tokens: int, trust_remote_code: bool, num_threads: int):
@@ -143,14 +166,21 @@ class ScoreActor:
         self.scorer = SequenceScorer(model, max_length=max_length, stride=stride,
                                      batch_tokens=batch_tokens, prefix_id=prefix)
 
-    def __call__(self, batch: dict) -> dict:
-        logprob = self.scorer.score(list(batch["input_ids"]))
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.concat_tables(self.score_part(batch.slice(i, 1)) for i in range(batch.num_rows))
+
+    def score_part(self, row: pa.Table) -> pa.Table:
+        part = row["part"][0].as_py()
+        ids = row["id"][0].values
+        tokens = row["input_ids"][0].values  # list<int32>, one entry per instance
+        offsets, flat = tokens.offsets.to_numpy(), tokens.values.to_numpy()
+        logprob = self.scorer.score([flat[offsets[i]:offsets[i + 1]] for i in range(len(ids))])
         bad = np.flatnonzero(~np.isfinite(logprob))
         if len(bad):
-            raise ValueError(f"non-finite log-probability ({logprob[bad[0]]}) for instance "
-                             f"{batch['id'][bad[0]]!r} in {batch['path'][bad[0]]}")
-        return {"id": batch["id"], "path": batch["path"], "n_tokens": batch["n_tokens"],
-                "logprob": logprob}
+            raise ValueError(f"{part}: non-finite log-probability ({logprob[bad[0]]}) for "
+                             f"instance {ids[int(bad[0])].as_py()!r}")
+        return pa.table({"part": pa.array([part] * len(ids)), "id": ids,
+                         "n_tokens": row["n_tokens"][0].values, "logprob": pa.array(logprob)})
 
 
 # ---------------------------------------------------------------- the stage
@@ -196,7 +226,7 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     if finished:
         print(f"score: resuming, {len(finished)} of {len(expected)} parts already scored")
     if pending:
-        ds = _scoring_pipeline(cfg, [io.join(cfg.instances, n) for n in pending], device=device,
+        ds = _scoring_pipeline(cfg, pending, device=device,
                                dtype=dtype, max_length=max_length, stride=stride)
         _collect_parts(ds, cfg.output, {n: expected[n] for n in pending}, provenance, on_part_written)
 
@@ -217,17 +247,15 @@ def read_instances_manifest(root: str) -> dict:
     return manifest
 
 
-def _scoring_pipeline(cfg: ScoreConfig, part_urls: list[str], *, device: str, dtype: str,
+def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype: str,
                       max_length: int, stride: int):
     import ray
 
-    fs, _ = url_to_fs(part_urls[0])
-    ds = ray.data.read_parquet([url_to_fs(u)[1] for u in part_urls], columns=["id", "text"],
-                               include_paths=True, filesystem=io.arrow_filesystem(fs))
-    ds = ds.map_batches(tokenize_batch, fn_kwargs={"tokenizer_path": cfg.model,
-                                                   "trust_remote_code": cfg.trust_remote_code},
-                        batch_size=cfg.rows_per_batch, num_cpus=0.5)
-    gpu = device == "cuda"
+    items = [{"part": name, "url": io.join(cfg.instances, name)} for name in parts]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(tokenize_part, fn_kwargs={"tokenizer_path": cfg.model,
+                                                  "trust_remote_code": cfg.trust_remote_code},
+                        batch_size=1, batch_format="pyarrow", num_cpus=0.5)
     return ds.map_batches(
         ScoreActor,
         fn_constructor_kwargs=dict(model_path=cfg.model, device=device, dtype=dtype,
@@ -236,11 +264,13 @@ def _scoring_pipeline(cfg: ScoreConfig, part_urls: list[str], *, device: str, dt
                                    trust_remote_code=cfg.trust_remote_code,
                                    num_threads=max(1, int(cfg.cpus_per_worker))),
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
-        batch_size=cfg.rows_per_batch,
-        num_gpus=1 if gpu else 0,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_gpus=1 if device == "cuda" else 0,
         num_cpus=cfg.cpus_per_worker,
-        # a lost actor is restarted and its batch retried, instead of failing the run
-        ray_remote_args={"max_restarts": -1, "max_task_retries": -1},
+        # a lost actor is restarted and its part retried, instead of failing the run
+        max_restarts=-1,
+        max_task_retries=-1,
     )
 
 
@@ -254,7 +284,7 @@ def _collect_parts(ds, output: str, expected: dict[str, int], provenance: dict,
     bar = tqdm(total=sum(expected.values()), desc="score", unit="inst")
     tokens, started = 0, time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        names = np.array([posixpath.basename(p) for p in batch.column("path").to_pylist()])
+        names = np.array(batch.column("part").to_pylist())
         for name in np.unique(names):
             rows = batch.filter(pa.array(names == name)).select(SCORE_SCHEMA.names)
             buffers[name].append(rows)
@@ -283,8 +313,6 @@ def _write_part(output: str, name: str, tables: list[pa.Table], provenance: dict
 
 def _finish(cfg: ScoreConfig, provenance: dict, expected: dict[str, int], seconds: float) -> dict:
     """Check the finished table against the instances and write its manifest."""
-    import pyarrow.parquet as pq
-
     rows = tokens = 0
     logprob = 0.0
     parts = []

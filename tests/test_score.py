@@ -1,0 +1,178 @@
+"""score: log-probabilities equal the model's own loss, every instance once, resume, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from miniplm import io
+from miniplm.logprob import pack_by_tokens, windows
+from miniplm.prepare import PrepareConfig, run_prepare
+from miniplm.score import ScoreConfig, run_score
+
+
+def read_table(root) -> pa.Table:
+    manifest = io.read_json(io.join(str(root), io.MANIFEST))
+    return pa.concat_tables(pq.read_table(root / p["name"]) for p in manifest["parts"])
+
+
+def reference_logprob(model, tok, text: str, max_length: int, stride: int) -> tuple[float, int]:
+    """Independent check: the model's own mean loss (HF `labels=`) times the token count,
+    window by window as in the transformers perplexity guide."""
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    seq = torch.tensor([prefix] + ids)
+    total, scored_until, end = 0.0, 1, min(max_length, len(seq))
+    while True:
+        begin = end - max_length if end > max_length else 0
+        window = seq[begin:end][None]
+        labels = window.clone()
+        labels[0, : scored_until - begin] = -100  # context only: already scored
+        n = int((labels[0, 1:] != -100).sum())
+        with torch.no_grad():
+            total -= model(input_ids=window, labels=labels).loss.item() * n
+        if end == len(seq):
+            return total, len(ids)
+        scored_until, end = end, min(end + stride, len(seq))
+
+
+@pytest.fixture(scope="module")
+def instances(documents, tmp_path_factory, ray_session):
+    """~60 real documents in 4 parts; many longer than the tiny models' 64-token context."""
+    root = tmp_path_factory.mktemp("score_corpus")
+    write_jsonl(root / "raw" / "docs.jsonl", [{"text": d} for d in documents[:60]])
+    out = root / "instances"
+    run_prepare(PrepareConfig(inputs=[str(root / "raw")], output=str(out), max_chars=1500,
+                              rows_per_part=20))
+    return out
+
+
+def score(instances, model_dir, output, **kw):
+    cfg = ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output),
+                      cpus_per_worker=0.5, batch_tokens=2048, **kw)
+    return run_score(cfg)
+
+
+@pytest.mark.parametrize("model_fixture", ["llama_dir", "gpt2_eos_only_dir"])
+def test_scores_equal_model_loss(model_fixture, instances, tmp_path, request):
+    model_dir = request.getfixturevalue(model_fixture)
+    manifest = score(instances, model_dir, tmp_path / "scores")
+    table = read_table(tmp_path / "scores")
+    inst = pa.concat_tables(pq.read_table(instances / p["name"])
+                            for p in io.read_json(str(instances / io.MANIFEST))["parts"])
+    # every instance exactly once, nothing else
+    assert table.num_rows == inst.num_rows == manifest["rows"]
+    assert sorted(table["id"].to_pylist()) == sorted(inst["id"].to_pylist())
+    assert table.schema.field("logprob").type == pa.float64()
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    L = manifest["provenance"]["max_length"]
+    assert L == model.config.max_position_embeddings
+    texts = dict(zip(inst["id"].to_pylist(), inst["text"].to_pylist()))
+    got = {r["id"]: r for r in table.to_pylist()}
+    long_texts = 0
+    for id_ in sorted(texts)[:40]:
+        expected, n = reference_logprob(model, tok, texts[id_], L, L // 2)
+        long_texts += n + 1 > L
+        assert got[id_]["n_tokens"] == n
+        assert got[id_]["logprob"] == pytest.approx(expected, rel=1e-5)
+    assert long_texts >= 5  # the sliding window was exercised
+    assert manifest["tokens"] == sum(table["n_tokens"].to_pylist())
+
+
+def test_provenance_in_parquet_and_manifest(instances, llama_dir, tmp_path):
+    manifest = score(instances, llama_dir, tmp_path / "s")
+    inst_manifest = io.read_json(str(instances / io.MANIFEST))
+    prov = io.read_parquet_metadata(str(tmp_path / "s" / manifest["parts"][0]["name"]))
+    assert prov == manifest["provenance"]
+    assert prov["instances_fingerprint"] == inst_manifest["fingerprint"]
+    assert prov["model"] == str(llama_dir) and prov["dtype"] == "float32"
+    for key in ("model_fingerprint", "tokenizer_fingerprint", "max_length", "version"):
+        assert prov[key]
+    assert [p["name"] for p in manifest["parts"]] == [p["name"] for p in inst_manifest["parts"]]
+
+
+def test_killed_run_resumes_to_identical_table(instances, llama_dir, tmp_path, capsys):
+    clean = score(instances, llama_dir, tmp_path / "clean")
+
+    class Killed(Exception):
+        pass
+
+    def die_after_two(name, written=[]):
+        written.append(name)
+        if len(written) == 2:
+            raise Killed(name)
+
+    cfg = ScoreConfig(instances=str(instances), model=str(llama_dir), output=str(tmp_path / "run"),
+                      cpus_per_worker=0.5, batch_tokens=2048)
+    with pytest.raises(Killed):
+        run_score(cfg, on_part_written=die_after_two)
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("part-*.parquet")}
+    assert len(first) == 2 and not (tmp_path / "run" / io.MANIFEST).exists()
+
+    rescored = []
+    resumed = run_score(cfg, on_part_written=rescored.append)
+    assert set(rescored) == {p["name"] for p in clean["parts"]} - set(first)  # only missing work
+    assert all((tmp_path / "run" / n).stat().st_mtime_ns == t for n, t in first.items())
+    assert read_table(tmp_path / "run").equals(read_table(tmp_path / "clean"))
+    assert resumed["rows"] == clean["rows"]
+
+    capsys.readouterr()
+    again = []
+    run_score(cfg, on_part_written=again.append)
+    assert again == [] and "nothing to do" in capsys.readouterr().out
+
+
+def test_refuses_output_of_another_model(instances, llama_dir, gpt2_eos_only_dir, tmp_path):
+    score(instances, llama_dir, tmp_path / "s")
+    with pytest.raises(ValueError, match="model_fingerprint.*differ.*--overwrite"):
+        score(instances, gpt2_eos_only_dir, tmp_path / "s")
+    manifest = score(instances, gpt2_eos_only_dir, tmp_path / "s", overwrite=True)
+    assert manifest["provenance"]["model"] == str(gpt2_eos_only_dir)
+
+
+def test_chunked_head_equals_full_logits(llama_dir, documents):
+    """The memory-saving path (LM head on scored positions only) changes no number."""
+    from miniplm.logprob import SequenceScorer
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    seqs = [np.array(tok(d, add_special_tokens=False)["input_ids"]) for d in documents[:12]]
+    scorer = SequenceScorer(model, max_length=64, stride=16, batch_tokens=256,
+                            prefix_id=tok.bos_token_id, head_chunk_tokens=7)
+    assert scorer.chunked_head
+    chunked = scorer.score(seqs)
+    scorer.chunked_head = False
+    np.testing.assert_allclose(chunked, scorer.score(seqs), rtol=1e-6)
+
+
+def test_windows_score_each_token_once():
+    for n, L, stride in [(1, 8, 4), (5, 8, 4), (8, 8, 4), (9, 8, 4), (100, 8, 3), (37, 16, 15)]:
+        wins = windows(n, L, stride)
+        targets = [t for w in wins for t in range(w.first_target, w.end)]
+        assert targets == list(range(1, n))
+        assert all(w.end - w.start <= L and w.first_target > w.start for w in wins if w.end > 1)
+        assert all(w.first_target - w.start >= L - stride for w in wins[1:])  # enough context
+
+
+def test_pack_by_tokens_respects_budget():
+    lengths = [5, 64, 3, 33, 64, 10, 1, 200]
+    batches = pack_by_tokens(lengths, 128)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 128
+
+
+def test_bad_arguments_fail_before_work(instances, tmp_path):
+    with pytest.raises(ValueError, match="device"):
+        ScoreConfig(instances="i", model="m", output="o", device="tpu")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        run_score(ScoreConfig(instances=str(instances), model=str(tmp_path), output=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="_manifest.json"):
+        run_score(ScoreConfig(instances=str(tmp_path), model=str(tmp_path), output=str(tmp_path / "o")))
