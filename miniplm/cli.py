@@ -14,10 +14,12 @@ from miniplm.config import add_arguments, from_namespace
 def _stages() -> dict[str, tuple[type, Callable, str]]:
     from miniplm.prepare import PrepareConfig, run_prepare
     from miniplm.score import ScoreConfig, run_score
+    from miniplm.select import SelectConfig, run_select
 
     return {
         "prepare": (PrepareConfig, run_prepare, "raw corpus -> instances dataset"),
         "score": (ScoreConfig, run_score, "instances + causal LM -> score table"),
+        "select": (SelectConfig, run_select, "instances + teacher/reference tables -> refined corpus"),
     }
 
 

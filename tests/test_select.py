@@ -1,0 +1,172 @@
+"""select: kept ids equal an independent pandas top-alpha; refusals; baselines; report."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import save_tiny_model, write_jsonl
+
+from miniplm import io
+from miniplm.prepare import PrepareConfig, run_prepare
+from miniplm.score import ScoreConfig, run_score
+from miniplm.select import SelectConfig, run_select
+
+
+def table_df(root) -> pd.DataFrame:
+    manifest = io.read_json(str(root / io.MANIFEST))
+    return pd.concat([pq.read_table(root / p["name"]).to_pandas() for p in manifest["parts"]])
+
+
+@pytest.fixture(scope="module")
+def scored(documents, tokenizer_dir, llama_dir, gpt2_eos_only_dir, tmp_path_factory, ray_session):
+    """Instances from two sources scored by a teacher, a reference sharing its tokenizer, and
+    a model with another tokenizer."""
+    root = tmp_path_factory.mktemp("select")
+    write_jsonl(root / "raw" / "stdlib.jsonl", [{"text": d} for d in documents[:40]])
+    write_jsonl(root / "raw" / "more.jsonl", [{"text": d} for d in documents[40:70]])
+    run_prepare(PrepareConfig(inputs=[str(root / "raw")], output=str(root / "inst"),
+                              max_chars=800, rows_per_part=30))
+    reference = save_tiny_model("llama", tokenizer_dir, root / "reference", seed=1, hidden=32, layers=1)
+    for name, model in [("teacher", llama_dir), ("reference", reference), ("other_tok", gpt2_eos_only_dir)]:
+        run_score(ScoreConfig(instances=str(root / "inst"), model=str(model),
+                              output=str(root / name), cpus_per_worker=0.5, batch_tokens=2048))
+    return root
+
+
+def select(scored, tmp_path, **kw):
+    kw.setdefault("reference", str(scored / "reference"))
+    return run_select(SelectConfig(instances=str(scored / "inst"), teacher=str(scored / "teacher"),
+                                   output=str(tmp_path / "refined"), **kw))
+
+
+def expected_top(scored, alpha, teacher_only=False) -> set[str]:
+    t = table_df(scored / "teacher").set_index("id")
+    r = table_df(scored / "reference").set_index("id")
+    score = t.logprob / t.n_tokens - (0 if teacher_only else r.logprob / r.n_tokens)
+    df = pd.DataFrame({"id": score.index, "score": score.values})
+    df = df.sort_values(["score", "id"], ascending=[False, True])
+    return set(df.id.head(math.floor(alpha * len(df))))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3])
+def test_difference_keeps_top_alpha(scored, tmp_path, alpha):
+    manifest = select(scored, tmp_path, alpha=alpha)
+    refined = table_df(tmp_path / "refined")
+    assert set(refined.id) == expected_top(scored, alpha)
+    n = io.read_json(str(scored / "inst" / io.MANIFEST))["instances"]
+    assert manifest["instances"] == len(refined) == math.floor(alpha * n)
+    # the refined corpus is an instances dataset (+ score), texts intact
+    inst = table_df(scored / "inst").set_index("id")
+    assert list(refined.columns) == ["id", "text", "n_bytes", "source", "score"]
+    assert (refined.set_index("id").text == inst.loc[refined.id].text).all()
+    assert manifest["threshold"] == pytest.approx(refined.score.min())
+    assert manifest["tokens_kept"] == table_df(scored / "teacher").set_index("id").loc[refined.id].n_tokens.sum()
+    for f in ("report.json", "scores.png", "samples.md"):
+        assert (tmp_path / "refined" / f).stat().st_size > 0
+    report = json.loads((tmp_path / "refined" / "report.json").read_text())
+    assert set(report["per_source"]) == {"stdlib", "more"}
+    assert sum(s["kept"] for s in report["per_source"].values()) == manifest["instances"]
+    assert "## Around the threshold" in (tmp_path / "refined" / "samples.md").read_text()
+
+
+def test_teacher_method_and_budget(scored, tmp_path):
+    select(scored, tmp_path, method="teacher", alpha=0.4)
+    assert set(table_df(tmp_path / "refined").id) == expected_top(scored, 0.4, teacher_only=True)
+
+    t = table_df(scored / "teacher").set_index("id")
+    manifest = select(scored, tmp_path / "b", budget_tokens=2000)
+    kept = table_df(tmp_path / "b" / "refined")
+    assert manifest["tokens_kept"] == t.loc[kept.id].n_tokens.sum() <= 2000
+    # the next-best instance would not have fit
+    ranked = sorted(expected_top(scored, 1.0))
+    order = table_df(scored / "reference").set_index("id")
+    score = (t.logprob / t.n_tokens - order.logprob / order.n_tokens).loc[ranked]
+    nxt = score.drop(kept.id).sort_values(ascending=False).index[0]
+    assert manifest["tokens_kept"] + t.loc[nxt].n_tokens > 2000
+
+
+def test_random_and_sample_are_seeded(scored, tmp_path):
+    def kept(method, seed, out):
+        select(scored, tmp_path / out, method=method, seed=seed, alpha=0.5, temperature=0.5)
+        return set(table_df(tmp_path / out / "refined").id)
+
+    for method in ("random", "sample"):
+        a, b, c = kept(method, 1, f"{method}1"), kept(method, 1, f"{method}1b"), kept(method, 2, f"{method}2")
+        assert a == b and a != c and len(a) == len(c)
+
+
+def test_alpha_edges(scored, tmp_path):
+    assert select(scored, tmp_path / "a0", alpha=0.0)["instances"] == 0
+    full = select(scored, tmp_path / "a1", alpha=1.0)
+    assert full["instances"] == io.read_json(str(scored / "inst" / io.MANIFEST))["instances"]
+    assert full["fingerprint"] == io.read_json(str(scored / "inst" / io.MANIFEST))["fingerprint"]
+
+
+def test_tokenizer_mismatch_needs_byte_normalisation(scored, tmp_path):
+    with pytest.raises(ValueError, match="different tokenizers.*--normalize byte"):
+        select(scored, tmp_path, reference=str(scored / "other_tok"))
+    select(scored, tmp_path, reference=str(scored / "other_tok"), normalize="byte")
+    t, r = table_df(scored / "teacher").set_index("id"), table_df(scored / "other_tok").set_index("id")
+    n_bytes = table_df(scored / "inst").set_index("id").n_bytes
+    score = ((t.logprob - r.logprob.loc[t.index]) / n_bytes.loc[t.index]).reset_index(name="s")
+    score = score.sort_values(["s", "id"], ascending=[False, True])
+    assert set(table_df(tmp_path / "refined").id) == set(score.id.head(len(score) // 2))
+
+
+def corrupt_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    manifest = io.read_json(str(dst / io.MANIFEST))
+    part = dst / manifest["parts"][0]["name"]
+    table = pq.read_table(part)
+    pq.write_table(edit(table), part)
+    return dst
+
+
+def test_refusals(scored, tmp_path, documents):
+    def dup(t):
+        return pa.concat_tables([t, t.slice(0, 1)])
+
+    def nan(t):
+        lp = t["logprob"].to_numpy().copy()
+        lp[3] = np.nan
+        return t.set_column(2, "logprob", pa.array(lp))
+
+    def drop(t):
+        return t.slice(1)
+
+    for name, edit, message in [("dup", dup, "duplicate ids"), ("nan", nan, "non-finite logprob"),
+                                ("drop", drop, "1 instance ids missing")]:
+        bad = corrupt_copy(scored / "reference", tmp_path / name, edit)
+        with pytest.raises(ValueError, match=message):
+            select(scored, tmp_path / f"o_{name}", reference=str(bad))
+
+    # a table scored on other instances
+    write_jsonl(tmp_path / "raw" / "x.jsonl", [{"text": d} for d in documents[:5]])
+    run_prepare(PrepareConfig(inputs=[str(tmp_path / "raw")], output=str(tmp_path / "inst2")))
+    other = tmp_path / "other_scores"
+    shutil.copytree(scored / "reference", other)
+    manifest = io.read_json(str(other / io.MANIFEST))
+    manifest["provenance"]["instances_fingerprint"] = io.read_json(str(tmp_path / "inst2" / io.MANIFEST))["fingerprint"]
+    io.write_json(str(other / io.MANIFEST), manifest)
+    with pytest.raises(ValueError, match="scored on other instances"):
+        select(scored, tmp_path / "o_fp", reference=str(other))
+
+    with pytest.raises(ValueError, match="alpha"):
+        SelectConfig(instances="i", teacher="t", reference="r", output="o", alpha=1.5)
+    with pytest.raises(ValueError, match="reference"):
+        SelectConfig(instances="i", teacher="t", output="o")
+
+
+def test_dry_run_writes_nothing(scored, tmp_path, capsys):
+    report = select(scored, tmp_path, dry_run=True)
+    out = capsys.readouterr().out
+    assert "kept" in out and "## Highest scores" in out
+    assert report["kept"] == len(expected_top(scored, 0.5))
+    assert not (tmp_path / "refined").exists()
