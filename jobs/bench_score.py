@@ -5,25 +5,26 @@
 On one corpus of mixed lengths (real text from the local Python installation), prints real
 (unpadded) tokens/s and peak RSS (the process and all its children, e.g. Ray workers) of:
   score   the score stage end to end (Ray Data read -> tokenise -> actor pool -> Parquet)
-  forward the bare model forward on the same length-sorted token-budget batches
+  forward the bare model forward over the same windows and token-budget batches
   naive   fixed padded batches of 16 x 1024, full logits, log_softmax, gather
 Without --model it builds a ~10M-parameter Llama and a BPE tokenizer trained on the corpus.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import multiprocessing as mp
 import pathlib
-import random
 import sys
-import sysconfig
-import tempfile
-import threading
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/select.py)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import random  # noqa: E402
+import sysconfig  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 
 
 def mixed_length_corpus(n_docs: int, seed: int = 0) -> list[str]:
@@ -117,21 +118,23 @@ def load(args):
 
 
 def run_bare_forward(args, docs: list[str]) -> dict:
+    """The forward passes the score stage needs (same windows, same packing), nothing else."""
     import torch
 
-    from miniplm.logprob import pack_by_tokens
+    from miniplm.logprob import pack_by_tokens, windows
 
     model, tok = load(args)
-    seqs = [[tok.bos_token_id] + x[:1023] for x in tok(docs, add_special_tokens=False)["input_ids"]]
+    seqs = [[tok.bos_token_id] + x for x in tok(docs, add_special_tokens=False)["input_ids"]]
+    wins = [seq[w.start:w.end] for seq in seqs for w in windows(len(seq), 1024, 512)]
     with PeakRSS() as rss, torch.inference_mode():
         start = time.perf_counter()
-        for batch in pack_by_tokens([len(s) for s in seqs], args.batch_tokens):
-            longest = max(len(seqs[i]) for i in batch)
+        for batch in pack_by_tokens([len(w) for w in wins], args.batch_tokens):
+            longest = max(len(wins[i]) for i in batch)
             ids = torch.zeros(len(batch), longest, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, i in enumerate(batch):
-                ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
-                mask[r, : len(seqs[i])] = 1
+                ids[r, : len(wins[i])] = torch.tensor(wins[i])
+                mask[r, : len(wins[i])] = 1
             model(input_ids=ids.to(args.device), attention_mask=mask.to(args.device))
         seconds = time.perf_counter() - start
     return {"tokens": sum(len(s) - 1 for s in seqs), "seconds": seconds, "peak_rss": rss.peak}
@@ -203,7 +206,8 @@ def main() -> None:
         rate = r["tokens"] / r["seconds"]
         print(f"{name:8} {r['tokens']:>9} {r['seconds']:>8.1f} {rate:>10,.0f} {rate / base:>8.2f}x "
               f"{r['peak_rss'] / 2**20:>8.0f}MB")
-    print("(naive truncates documents to 1024 tokens, so it scores fewer tokens than the others)")
+    print("(score and forward score every token, long documents in 1024-token windows that re-read "
+          "512 tokens of context; naive truncates documents at 1024 tokens)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the working dir's miniplm
+# Put the repo root (the job's working dir: its miniplm) first, and drop jobs/ from the path:
+# jobs/select.py would otherwise shadow the standard library's `select` module.
+sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
 from miniplm.cli import main  # noqa: E402
 

@@ -15,11 +15,13 @@ def _stages() -> dict[str, tuple[type, Callable, str]]:
     from miniplm.prepare import PrepareConfig, run_prepare
     from miniplm.score import ScoreConfig, run_score
     from miniplm.select import SelectConfig, run_select
+    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
 
     return {
         "prepare": (PrepareConfig, run_prepare, "raw corpus -> instances dataset"),
         "score": (ScoreConfig, run_score, "instances + causal LM -> score table"),
         "select": (SelectConfig, run_select, "instances + teacher/reference tables -> refined corpus"),
+        "train-tokenizer": (TokenizerConfig, run_train_tokenizer, "instances -> a BPE tokenizer"),
     }
 
 
@@ -34,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(p, cls)
         p.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, a running "
                                          "local cluster, or a new in-process one)")
+    train = sub.add_parser("train", help="pre-train a causal LM on an instances dataset (Ray Train)",
+                           description="pre-train a causal LM on an instances dataset (Ray Train); "
+                                       "every config key can be set or overridden with --set")
+    train.add_argument("--config", help="YAML file with the TrainConfig (see jobs/configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="dotted override, e.g. --set data.seq_len=512 tokens=1e6 (repeatable)")
+    train.add_argument("--address", help="Ray cluster to use")
     sub.add_parser("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
     return parser
 
@@ -45,12 +54,18 @@ def main(argv: list[str] | None = None) -> int:
         print("miniplm demo: not built yet: the end-to-end pipeline lands with the `run`/`demo` "
               "issue. Available now: " + ", ".join(_stages()))
         return 0
-    cls, run, _ = _stages()[args.command]
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
-    try:
-        cfg = from_namespace(cls, args)
-    except ValueError as err:  # bad config fails before any work starts
+    try:  # bad config fails before any work starts
+        if args.command == "train":
+            from miniplm.config import load
+            from miniplm.train import TrainConfig, run_train
+
+            cfg, run = load(TrainConfig, args.config, args.overrides), run_train
+        else:
+            cls, run, _ = _stages()[args.command]
+            cfg = from_namespace(cls, args)
+    except ValueError as err:
         parser.error(f"{args.command}: {err}")
     try:
         run(cfg)

@@ -68,3 +68,77 @@ def describe(cfg: Any) -> str:
     lines = [f"{type(cfg).__name__}:"]
     lines += [f"  {k}: {v}" for k, v in to_dict(cfg).items()]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- nested configs from YAML
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn YAML / command-line values into the annotated type, naming the key on failure."""
+    base, is_list = _base_type(tp)
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return build(base, value, prefix=f"{key}.")
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, base, key) for v in items]
+    if base is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value.lower() in ("true", "1", "yes")
+    if base in (int, float) and isinstance(value, str):
+        try:
+            return base(float(value)) if base is int else float(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def build(cls: type, values: dict, prefix: str = "") -> Any:
+    """A (nested) dataclass from a dict; unknown keys are an error naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field missing
+        raise ValueError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def set_dotted(values: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ValueError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = values
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {p} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+    """A config from a YAML file (optional) plus dotted `key=value` overrides."""
+    import yaml
+
+    values: dict = {}
+    if path:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for assignment in overrides or []:
+        set_dotted(values, assignment)
+    return build(cls, values)

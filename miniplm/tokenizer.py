@@ -1,0 +1,56 @@
+"""train-tokenizer: a byte-level BPE tokenizer trained on an instances dataset with the
+`tokenizers` library, saved in the Hugging Face layout (for users without a checkpoint, and
+for the demo, where teacher, reference and students are all trained here)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from miniplm import io
+from miniplm.config import describe, field
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>"}
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class TokenizerConfig:
+    instances: str = field(help="instances dataset to learn the vocabulary from")
+    output: str = field(help="folder for the tokenizer (local path)")
+    vocab_size: int = field(8192, help="vocabulary size, special tokens included")
+    max_documents: int | None = field(None, help="learn from at most this many instances")
+
+    def __post_init__(self):
+        if self.vocab_size < 300:
+            raise ValueError(f"vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
+
+
+def iter_texts(root: str, limit: int | None = None) -> Iterator[str]:
+    from miniplm.score import read_instances_manifest
+
+    n = 0
+    for part in read_instances_manifest(root)["parts"]:
+        with io.fsspec_open(io.join(root, part["name"])) as f:
+            for text in pq.read_table(f, columns=["text"])["text"].to_pylist():
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield text
+
+
+def run_train_tokenizer(cfg: TokenizerConfig) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    print(describe(cfg), flush=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    tok.train_from_iterator(iter_texts(cfg.instances, cfg.max_documents), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS).save_pretrained(cfg.output)
+    print(f"train-tokenizer: {tok.get_vocab_size()} tokens -> {cfg.output}")
+    return cfg.output

@@ -1,0 +1,133 @@
+"""train: loss goes down, DDP keeps replicas equal, resume continues the same curve,
+the final checkpoint is a standard HF model the score stage reads, bad configs fail early."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from miniplm.config import load
+from miniplm.prepare import PrepareConfig, run_prepare
+from miniplm.score import ScoreConfig, run_score
+from miniplm.train import TrainConfig, run_train
+
+
+@pytest.fixture(scope="module")
+def corpus(documents, tmp_path_factory, ray_session):
+    from conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("train_corpus")
+    write_jsonl(root / "raw" / "a.jsonl", [{"text": d} for d in documents[0::2]])
+    write_jsonl(root / "raw" / "b.jsonl", [{"text": d} for d in documents[1::2]])
+    run_prepare(PrepareConfig(inputs=[str(root / "raw")], output=str(root / "inst"),
+                              max_chars=1000, rows_per_part=100))
+    return root / "inst"
+
+
+def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
+    base = [f"output={output}", f"data.path={corpus}", f"model.tokenizer={tokenizer_dir}",
+            "model.preset=tiny", "data.seq_len=64", "micro_batch=8", "batch_tokens=512",
+            "optim.lr=3e-3", "optim.warmup_steps=5", "cpus_per_worker=1"]
+    return load(TrainConfig, None, base + list(overrides))
+
+
+def metrics(output) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl"))]
+
+
+@pytest.mark.timeout(600)
+def test_loss_drops_and_final_checkpoint_scores(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "run"
+    run_train(config(corpus, tokenizer_dir, out, "steps=40", "checkpoint_every=20",
+                     f"eval.data={corpus}", "eval.every=20", "eval.max_sequences=16"))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
+    assert first > 5.5  # ~ln(vocab) at init
+    assert last < first - 0.8, (first, last)  # ~6.2 -> ~5.2 nats in 40 steps
+    assert rows[-1]["tokens"] == 40 * 512
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
+    assert rows[19]["eval_loss"] > rows[39]["eval_loss"]
+    assert rows[10]["lr"] > rows[-1]["lr"] >= 3e-3 * 0.1 - 1e-12  # cosine to the floor
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.vocab_size == len(__import__("transformers").AutoTokenizer.from_pretrained(out / "final"))
+    scores = run_score(ScoreConfig(instances=str(corpus), model=str(out / "final"),
+                                   output=str(tmp_path / "scores"), cpus_per_worker=0.5))
+    assert scores["rows"] > 0 and scores["mean_logprob_per_token"] > -rows[0]["loss"]
+
+
+@pytest.mark.timeout(600)
+def test_two_ddp_workers_stay_in_sync(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "ddp"
+    run_train(config(corpus, tokenizer_dir, out, "steps=3", "num_workers=2", "cpus_per_worker=0.5",
+                     "micro_batch=4", "checkpoint_every=3"))
+    row = metrics(out)[-1]
+    sums = row["replica_param_sums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert row["tokens"] == 3 * 512
+
+
+def _checkpoints(out):
+    root = out / "ray"
+    return sorted(p.name for p in root.glob("step-*")) if root.exists() else []
+
+
+@pytest.mark.timeout(900)
+def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, tmp_path):
+    steps = ["steps=16", "checkpoint_every=6", "keep_checkpoints=3"]
+    clean = tmp_path / "clean"
+    run_train(config(corpus, tokenizer_dir, clean, *steps))
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "miniplm.cli", "train"]
+    for o in config_overrides(corpus, tokenizer_dir, out) + steps:
+        args += ["--set", o]
+    env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, so the kill takes all of it
+    proc = subprocess.Popen(args, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while "step-00000006" not in _checkpoints(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver and the Ray it started
+    proc.wait()
+    assert "step-00000006" in _checkpoints(out)
+    assert not (out / "final").exists()
+
+    run_train(config(corpus, tokenizer_dir, out, *steps))
+    resumed, reference = metrics(out), metrics(clean)
+    assert [r["step"] for r in resumed] == list(range(1, 17))
+    for a, b in zip(resumed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), a["step"]
+        assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"])
+
+
+def config_overrides(corpus, tokenizer_dir, output) -> list[str]:
+    return [f"output={output}", f"data.path={corpus}", f"model.tokenizer={tokenizer_dir}",
+            "model.preset=tiny", "data.seq_len=64", "micro_batch=8", "batch_tokens=512",
+            "optim.lr=3e-3", "optim.warmup_steps=5", "cpus_per_worker=1"]
+
+
+def test_bad_configs_fail_before_work(corpus, tokenizer_dir, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="model.preset: unknown preset 'giant'"):
+        config(corpus, tokenizer_dir, out, "model.preset=giant", "steps=1")
+    with pytest.raises(ValueError, match="tokens: the budget must be > 0"):
+        config(corpus, tokenizer_dir, out, "tokens=0")
+    with pytest.raises(ValueError, match="unknown config key optim.learning_rate"):
+        config(corpus, tokenizer_dir, out, "optim.learning_rate=1", "steps=1")
+    with pytest.raises(ValueError, match="model.tokenizer: no tokenizer folder"):
+        run_train(config(corpus, tmp_path / "missing", out, "steps=1"))
+    small = tmp_path / "small_ctx"
+    LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=32).save_pretrained(small)
+    with pytest.raises(ValueError, match="data.seq_len: 64 exceeds the model's context 32"):
+        run_train(config(corpus, tokenizer_dir, out, "steps=1", f"model.config={small}"))
+    assert not out.exists()
