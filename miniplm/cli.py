@@ -15,6 +15,8 @@ def _stages() -> dict[str, tuple[type, Callable, str]]:
     from miniplm.prepare import PrepareConfig, run_prepare
     from miniplm.score import ScoreConfig, run_score
     from miniplm.select import SelectConfig, run_select
+    from miniplm.evaluate import EvalConfig, run_eval
+    from miniplm.report import ReportConfig, run_report
     from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
 
     return {
@@ -22,6 +24,8 @@ def _stages() -> dict[str, tuple[type, Callable, str]]:
         "score": (ScoreConfig, run_score, "instances + causal LM -> score table"),
         "select": (SelectConfig, run_select, "instances + teacher/reference tables -> refined corpus"),
         "train-tokenizer": (TokenizerConfig, run_train_tokenizer, "instances -> a BPE tokenizer"),
+        "eval": (EvalConfig, run_eval, "checkpoint + held-out instances (+ lm-eval tasks) -> eval JSON"),
+        "report": (ReportConfig, run_report, "training runs -> table, loss-vs-FLOPs plot, compute saving"),
     }
 
 

@@ -392,7 +392,8 @@ def train_loop(loop_config: dict) -> None:
         now = time.perf_counter()
         dt, last_time = now - last_time, now
         tokens_per_s = seq_tokens * cfg.grad_accum * world / dt
-        row = {"step": state["step"], "tokens": state["tokens"], "loss": round(loss_avg.item(), 6),
+        row = {"step": state["step"], "tokens": state["tokens"], "flops": 6 * n_params * state["tokens"],
+               "loss": round(loss_avg.item(), 6),
                "lr": lr_at(step, cfg), "grad_norm": round(float(grad_norm), 6),
                "tokens_per_s": round(tokens_per_s, 1), "passes": state["epoch"],
                "mfu": round(6 * n_params * tokens_per_s / (peak * world), 5)}
