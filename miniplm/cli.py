@@ -47,17 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set data.seq_len=512 tokens=1e6 (repeatable)")
     train.add_argument("--address", help="Ray cluster to use")
-    sub.add_parser("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
+    run = sub.add_parser("run", help="the whole pipeline from one YAML (skips finished steps)")
+    run.add_argument("config", help="pipeline YAML (see jobs/configs/demo.yaml, pile-qwen.yaml)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="dotted override, e.g. --set selection.alpha=0.3 (repeatable)")
+    run.add_argument("--address", help="Ray cluster to use")
+    demo = sub.add_parser("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
+    demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
+    demo.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--address", help="Ray cluster to use")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        print("miniplm demo: not built yet: the end-to-end pipeline lands with the `run`/`demo` "
-              "issue. Available now: " + ", ".join(_stages()))
-        return 0
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     try:  # bad config fails before any work starts
@@ -66,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             from miniplm.train import TrainConfig, run_train
 
             cfg, run = load(TrainConfig, args.config, args.overrides), run_train
+        elif args.command in ("run", "demo"):
+            from miniplm.pipeline import demo_config, load_pipeline, run_pipeline
+
+            cfg = (load_pipeline(args.config, args.overrides) if args.command == "run"
+                   else demo_config(args.output, quick=args.quick))
+            run = run_pipeline
         else:
             cls, run, _ = _stages()[args.command]
             cfg = from_namespace(cls, args)

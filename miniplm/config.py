@@ -78,13 +78,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     base, is_list = _base_type(tp)
     if value is None:
         return None
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, base, f"{key}[{i}]") for i, v in enumerate(items)]
     if dataclasses.is_dataclass(base):
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
         return build(base, value, prefix=f"{key}.")
-    if is_list:
-        items = value if isinstance(value, list) else [value]
-        return [_coerce(v, base, key) for v in items]
     if base is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{key}: expected true or false, got {value!r}")
@@ -114,19 +114,36 @@ def build(cls: type, values: dict, prefix: str = "") -> Any:
 
 
 def set_dotted(values: dict, assignment: str) -> None:
-    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict."""
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a nested dict; list items
+    are addressed as `students[1].tokens=...`."""
+    import re
+
     import yaml
 
     if "=" not in assignment:
         raise ValueError(f"--set {assignment!r}: expected key=value")
     key, raw = assignment.split("=", 1)
-    *parents, leaf = key.strip().split(".")
+    steps: list = []
+    for part in key.strip().split("."):
+        m = re.fullmatch(r"(\w+)((?:\[\d+\])*)", part)
+        if not m:
+            raise ValueError(f"--set {key}: cannot parse {part!r}")
+        steps.append(m.group(1))
+        steps += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
     node = values
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {key}: {p} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    for here, nxt in zip(steps, steps[1:]):
+        if isinstance(here, int):
+            if not isinstance(node, list) or here >= len(node):
+                raise ValueError(f"--set {key}: no item [{here}]")
+            node = node[here]
+        else:
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {here} is not inside a section")
+            node = node.setdefault(here, [] if isinstance(nxt, int) else {})
+    if isinstance(steps[-1], int):
+        node[steps[-1]] = yaml.safe_load(raw)
+    else:
+        node[steps[-1]] = yaml.safe_load(raw)
 
 
 def load(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:

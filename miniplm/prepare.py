@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import json
 import posixpath
+import re
 import time
 from typing import Iterator
 
@@ -41,7 +42,8 @@ class PrepareConfig:
     text_field: str = field("text", help="JSON field / Parquet column holding the text")
     lines: bool = field(False, help=".txt files hold one document per line (else one per file)")
     max_chars: int = field(8192, help="split documents longer than this many characters")
-    source: str | None = field(None, help="`source` label for every instance (default: file stem)")
+    source: str | None = field(None, help="`source` label for every instance (default: the file "
+                                          "stem without a shard number)")
     strict: bool = field(False, help="stop at the first bad row, naming file and line")
     rows_per_part: int = field(10_000, help="instances per Parquet part (the unit of scoring and resume)")
     overwrite: bool = field(False, help="replace an output folder made with other settings")
@@ -74,10 +76,13 @@ def file_format(path: str) -> str:
 
 
 def file_stem(path: str) -> str:
+    """The default `source` label: the file name without extensions or a trailing shard
+    number (`pile_cc-00012.jsonl.gz` -> `pile_cc`), else the folder (`wiki/00.jsonl` -> `wiki`)."""
     name = posixpath.basename(path)
     for ext in COMPRESSIONS + tuple(FORMATS):
         name = name.removesuffix(ext)
-    return name
+    label = re.sub(r"[-_.]?\d+$", "", name)
+    return label or posixpath.basename(posixpath.dirname(path)) or name
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:

@@ -28,10 +28,14 @@ import pyarrow.parquet as pq
 from miniplm import __version__, io
 from miniplm.config import field
 
+DONE = "_done.json"
+
 # preset -> (model_type, config kwargs, context). Paper students (MiniPLM, Qwen family):
 # 200M / 500M / 1.2B; llama-small and mamba-small are for KD across model families.
 PRESETS: dict[str, tuple[str, dict, int]] = {
     "tiny": ("llama", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4), 1024),
+    "mini": ("llama", dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=4), 1024),
     "small": ("llama", dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                             num_attention_heads=4, num_key_value_heads=4), 1024),
@@ -518,6 +522,10 @@ def run_train(cfg: TrainConfig) -> dict:
     print(describe(cfg), flush=True)
     tokenizer = load_tokenizer_checked(cfg.model.tokenizer)
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len)  # fails before Ray starts
+    done_path = os.path.join(cfg.output, DONE)
+    if os.path.exists(done_path) and json.load(open(done_path))["train"] == to_dict(cfg):
+        print(f"train: {cfg.output} is already complete; nothing to do")
+        return json.load(open(done_path))
     os.makedirs(cfg.output, exist_ok=True)
     with open(os.path.join(cfg.output, "config.json"), "w") as f:
         json.dump({"train": to_dict(cfg), "model": hf_config.to_dict(), "version": __version__}, f, indent=2)
@@ -536,7 +544,9 @@ def run_train(cfg: TrainConfig) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same data order on a resumed run
     parts = [io.join(cache, p["name"]) for p in cache_manifest["parts"] if p["rows"]]
-    dataset = ray.data.read_parquet(parts)
+    # parts follow the corpus files (often one source each): shuffle globally, seeded, so every
+    # step mixes sources and a resumed run sees the same order
+    dataset = ray.data.read_parquet(parts).random_shuffle(seed=cfg.data.seed)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": to_dict(cfg), "hf_config": hf_config, "eval_cache": eval_cache},
@@ -554,6 +564,7 @@ def run_train(cfg: TrainConfig) -> dict:
     if result.error:
         raise result.error
     summary = {"output": cfg.output, "steps": cfg.total_steps, "final": os.path.join(cfg.output, "final"),
-               "metrics": result.metrics, "seconds": round(time.time() - started, 1)}
+               "metrics": result.metrics, "seconds": round(time.time() - started, 1), "train": to_dict(cfg)}
+    io.write_json(done_path, summary)
     print(f"train: done in {summary['seconds']}s -> {summary['final']}", flush=True)
     return summary

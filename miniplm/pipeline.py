@@ -1,0 +1,329 @@
+"""run: the whole MiniPLM pipeline from one YAML file.
+
+prepare -> split off D_ref -> tokenizer -> (train teacher / reference) -> score teacher ->
+score reference -> select (refined, and random for the vanilla baseline) -> train each student
+-> evaluate each -> report. Every step skips itself when its output already exists with
+matching fingerprints, so adding a student to the YAML re-uses the score tables and trains
+only that student. Each step prints whether it ran or was reused, and its time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from miniplm import io
+from miniplm.config import describe, field, to_dict
+from miniplm.train import PRESETS
+
+CORPUS_KINDS = ("refined", "random", "full")
+
+
+@dataclasses.dataclass(kw_only=True)
+class CorpusSpec:
+    inputs: list[str] = field(["sample"], help="corpus files/folders/globs, or `sample` (built-in)")
+    heldout: list[str] = field([], help="held-out evaluation files (the sample corpus brings its own)")
+    sample_bytes: int = field(1_000_000, help="size of the built-in sample corpus")
+    max_chars: int = field(2000, help="split documents longer than this into instances")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelRun:
+    checkpoint: str | None = field(None, help="an existing HF checkpoint (else trained here)")
+    preset: str = field("tiny", help="model preset when trained here")
+    tokens: int = field(0, help="training budget in tokens when trained here")
+    fraction: float = field(1.0, help="reference: fraction of the corpus held out as D_ref")
+    seed: int = field(0, help="seed of the D_ref split / training")
+
+
+@dataclasses.dataclass(kw_only=True)
+class SelectionSpec:
+    alpha: float = field(0.5, help="fraction of instances kept")
+    method: str = field("difference", help="difference, teacher, random or sample")
+    normalize: str = field("token", help="token or byte")
+    temperature: float = field(1.0, help="sample method temperature")
+    seed: int = field(0, help="seed of random/sample selection")
+
+
+@dataclasses.dataclass(kw_only=True)
+class StudentSpec:
+    name: str = field(help="run name (folder under students/)")
+    corpus: str = field("refined", help="refined (MiniPLM), random (vanilla, same size) or full")
+    preset: str | None = field("tiny", help="model preset")
+    config: str | None = field(None, help="HF config.json instead of a preset")
+    tokenizer: str | None = field(None, help="tokenizer folder (default: the pipeline's)")
+    tokens: int = field(help="training budget in tokens")
+    seed: int = field(0, help="init and data order seed")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainDefaults:
+    seq_len: int = field(128, help="sequence length")
+    batch_tokens: int = field(4096, help="global batch in tokens")
+    micro_batch: int = field(8, help="sequences per forward pass")
+    lr: float = field(3e-3, help="peak learning rate")
+    warmup_steps: int = field(10, help="warmup steps")
+    eval_every: int = field(10, help="held-out eval every this many steps")
+    checkpoint_every: int = field(50, help="checkpoint every this many steps")
+    num_workers: int = field(1, help="Ray Train workers")
+    cpus_per_worker: float = field(1.0, help="CPUs per worker")
+    use_gpu: bool = field(False, help="train on GPUs")
+
+
+@dataclasses.dataclass(kw_only=True)
+class PipelineConfig:
+    output: str = field(help="run folder for every stage's output")
+    corpus: CorpusSpec = dataclasses.field(default_factory=CorpusSpec)
+    tokenizer: str | None = field(None, help="tokenizer folder (default: trained on the corpus)")
+    vocab_size: int = field(2048, help="vocabulary of the tokenizer trained here")
+    teacher: ModelRun = field(help="teacher: checkpoint or model to train")
+    reference: ModelRun = field(help="reference: checkpoint or model to train on D_ref")
+    selection: SelectionSpec = dataclasses.field(default_factory=SelectionSpec)
+    students: list[StudentSpec] = field(help="students to train and compare")
+    train: TrainDefaults = dataclasses.field(default_factory=TrainDefaults)
+    score_workers: int = field(1, help="scoring actors")
+    score_cpus: float = field(1.0, help="CPUs per scoring actor")
+    device: str = field("auto", help="scoring device: cpu, cuda or auto")
+
+    def __post_init__(self):
+        if not 0 < self.selection.alpha <= 1:
+            raise ValueError(f"selection.alpha must be in (0, 1], got {self.selection.alpha}")
+        for role in ("teacher", "reference"):
+            run: ModelRun = getattr(self, role)
+            if run.checkpoint:
+                if not os.path.isfile(os.path.join(run.checkpoint, "config.json")):
+                    raise ValueError(f"{role}.checkpoint: no HF checkpoint at {run.checkpoint}")
+            else:
+                _check_preset(f"{role}.preset", run.preset)
+                if run.tokens <= 0:
+                    raise ValueError(f"{role}.tokens: a model trained here needs a budget > 0")
+        if not 0 < self.reference.fraction <= 1:
+            raise ValueError(f"reference.fraction must be in (0, 1], got {self.reference.fraction}")
+        if not self.students:
+            raise ValueError("students: list at least one student")
+        names = [s.name for s in self.students]
+        if len(set(names)) != len(names):
+            raise ValueError(f"students: names must be unique, got {names}")
+        for i, s in enumerate(self.students):
+            if s.corpus not in CORPUS_KINDS:
+                raise ValueError(f"students[{i}].corpus: {s.corpus!r} is not one of {', '.join(CORPUS_KINDS)}")
+            if s.config is None:
+                _check_preset(f"students[{i}].preset", s.preset)
+            if s.tokens <= 0:
+                raise ValueError(f"students[{i}].tokens: the budget must be > 0")
+        if self.tokenizer and not os.path.isdir(self.tokenizer):
+            raise ValueError(f"tokenizer: no tokenizer folder at {self.tokenizer}")
+
+
+def _check_preset(key: str, preset: str | None) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"{key}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+
+
+# ---------------------------------------------------------------- steps
+
+
+class Steps:
+    """Runs named steps, timing each and telling whether it ran or reused its output."""
+
+    def __init__(self):
+        self.log: list[tuple[str, str, float]] = []
+
+    def __call__(self, name: str, marker: str, fn, *args, **kwargs):
+        before = _mtime(marker)
+        started = time.time()
+        print(f"\n=== {name} ===", flush=True)
+        result = fn(*args, **kwargs)
+        status = "reused" if before is not None and _mtime(marker) == before else "ran"
+        self.log.append((name, status, time.time() - started))
+        print(f"=== {name}: {status} in {time.time() - started:.1f}s ===", flush=True)
+        return result
+
+    def table(self) -> str:
+        lines = [f"{'step':36} {'status':8} {'seconds':>8}"]
+        lines += [f"{n:36} {s:8} {t:8.1f}" for n, s, t in self.log]
+        lines.append(f"{'total':36} {'':8} {sum(t for *_, t in self.log):8.1f}")
+        return "\n".join(lines)
+
+
+def _mtime(path: str) -> float | None:
+    return os.path.getmtime(path) if os.path.exists(path) else None
+
+
+def split_instances(src: str, fraction: float, seed: int, inside: str, outside: str) -> None:
+    """Split an instances dataset by a seeded hash of the id: `inside` gets ~fraction."""
+    from miniplm.score import read_instances_manifest
+    from miniplm.train import in_subset
+
+    manifest = read_instances_manifest(src)
+    job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed}
+    finished = [io.claim_output(root, job, overwrite=False, what="a split") for root in (inside, outside)]
+    if all(finished):
+        print("split: already complete; nothing to do")
+        return
+    halves = {inside: ([], io.RowSetHash()), outside: ([], io.RowSetHash())}
+    for part in manifest["parts"]:
+        with io.fsspec_open(io.join(src, part["name"])) as f:
+            table = pq.read_table(f)
+        mask = in_subset(table["id"].to_pylist(), fraction, seed)
+        for root, keep in ((inside, mask), (outside, ~mask)):
+            sub = table.filter(pa.array(keep))
+            if sub.num_rows:
+                io.write_parquet(io.join(root, part["name"]), sub)
+                parts, fp = halves[root]
+                parts.append({"name": part["name"], "rows": sub.num_rows,
+                              "bytes": int(sum(sub["n_bytes"].to_pylist()))})
+                for id_, text in zip(sub["id"].to_pylist(), sub["text"].to_pylist()):
+                    fp.add(id_, text)
+    for root, (parts, fp) in halves.items():
+        io.write_manifest(root, {"stage": "split", "source": src, **job, "instances": fp.count,
+                                 "bytes": sum(p["bytes"] for p in parts), "fingerprint": fp.hexdigest(),
+                                 "parts": parts})
+    print(f"split: {halves[inside][1].count} instances -> {inside}, {halves[outside][1].count} -> {outside}")
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    from miniplm.evaluate import EvalConfig, run_eval
+    from miniplm.prepare import PrepareConfig, run_prepare
+    from miniplm.report import ReportConfig, run_report
+    from miniplm.runtime import init_ray
+    from miniplm.sample_corpus import write_sample_corpus
+    from miniplm.score import ScoreConfig, run_score
+    from miniplm.select import SelectConfig, run_select
+    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
+
+    print(describe(cfg), flush=True)
+    out = cfg.output
+    os.makedirs(out, exist_ok=True)
+    io.write_json(os.path.join(out, "pipeline.json"), to_dict(cfg))
+    init_ray()
+    step = Steps()
+    p = lambda *names: os.path.join(out, *names)  # noqa: E731
+
+    inputs, heldout = cfg.corpus.inputs, cfg.corpus.heldout
+    if inputs == ["sample"]:
+        if not os.path.exists(p("sample", "heldout", "docs.jsonl")):
+            step("sample corpus", p("sample", "heldout", "docs.jsonl"), write_sample_corpus,
+                 p("sample"), max_bytes=cfg.corpus.sample_bytes)
+        inputs, heldout = [p("sample", "train")], heldout or [p("sample", "heldout")]
+    if not heldout:
+        raise ValueError("corpus.heldout: give held-out evaluation files (or use the sample corpus)")
+    step("prepare corpus", p("instances", io.MANIFEST), run_prepare,
+         PrepareConfig(inputs=inputs, output=p("instances"), max_chars=cfg.corpus.max_chars))
+    step("prepare held-out set", p("heldout", io.MANIFEST), run_prepare,
+         PrepareConfig(inputs=heldout, output=p("heldout"), max_chars=cfg.corpus.max_chars))
+
+    # D_ref, held out from selection, trains the reference (when it is trained here)
+    pool = p("instances")
+    if not cfg.reference.checkpoint:
+        pool = p("pool")
+        step("split D_ref", p("pool", io.MANIFEST), split_instances, p("instances"),
+             cfg.reference.fraction, cfg.reference.seed, p("d_ref"), p("pool"))
+
+    tokenizer = cfg.tokenizer or p("tokenizer")
+    if not cfg.tokenizer and not os.path.exists(p("tokenizer", "tokenizer.json")):
+        step("train tokenizer", p("tokenizer", "tokenizer.json"), run_train_tokenizer,
+             TokenizerConfig(instances=pool, output=p("tokenizer"), vocab_size=cfg.vocab_size))
+
+    models = {}
+    for role, data in (("teacher", pool), ("reference", p("d_ref"))):
+        run: ModelRun = getattr(cfg, role)
+        if run.checkpoint:
+            models[role] = run.checkpoint
+            continue
+        train_cfg = _train_config(cfg, p(role), data, tokenizer, run.preset, None, run.tokens, run.seed,
+                                  eval_data=p("heldout"))
+        step(f"train {role}", p(role, "_done.json"), _train, train_cfg)
+        models[role] = p(role, "final")
+
+    for role in ("teacher", "reference"):
+        step(f"score {role}", p("scores", role, io.MANIFEST), run_score,
+             ScoreConfig(instances=pool, model=models[role], output=p("scores", role),
+                         workers=cfg.score_workers, cpus_per_worker=cfg.score_cpus, device=cfg.device))
+    s = cfg.selection
+    corpora = {"full": pool}
+    for kind, method in (("refined", s.method), ("random", "random")):
+        if any(st.corpus == kind for st in cfg.students):
+            step(f"select {kind}", p(kind, io.MANIFEST), run_select,
+                 SelectConfig(instances=pool, teacher=p("scores", "teacher"), reference=p("scores", "reference"),
+                              output=p(kind), alpha=s.alpha, method=method, normalize=s.normalize,
+                              temperature=s.temperature, seed=s.seed))
+            corpora[kind] = p(kind)
+
+    for st in cfg.students:
+        run_dir = p("students", st.name)
+        train_cfg = _train_config(cfg, run_dir, corpora[st.corpus], st.tokenizer or tokenizer,
+                                  st.preset, st.config, st.tokens, st.seed, eval_data=p("heldout"))
+        step(f"train student {st.name}", os.path.join(run_dir, "_done.json"), _train, train_cfg)
+        step(f"eval student {st.name}", os.path.join(run_dir, "eval.json"), _eval_once,
+             EvalConfig(model=os.path.join(run_dir, "final"), data=p("heldout"),
+                        output=os.path.join(run_dir, "eval.json"), cpus_per_worker=cfg.score_cpus,
+                        device=cfg.device))
+
+    baseline = next((st.name for st in cfg.students if st.corpus != "refined"), cfg.students[0].name)
+    treatment = next((st.name for st in cfg.students if st.corpus == "refined" and st.name != baseline), None)
+    summary = step("report", p("report", "report.json"), run_report,
+                   ReportConfig(runs=[p("students", st.name) for st in cfg.students], output=p("report"),
+                                baseline=baseline, treatment=treatment))
+    print("\n" + step.table())
+    return {"summary": summary, "steps": step.log}
+
+
+def _train(train_cfg):
+    from miniplm.train import run_train
+
+    return run_train(train_cfg)
+
+
+def _eval_once(eval_cfg):
+    """Evaluate unless this checkpoint's eval.json is already there."""
+    from miniplm.evaluate import run_eval
+    from miniplm.score import model_fingerprint
+
+    if os.path.exists(eval_cfg.output):
+        previous = io.read_json(eval_cfg.output)
+        if previous["provenance"]["model_fingerprint"] == model_fingerprint(eval_cfg.model):
+            print(f"eval: {eval_cfg.output} is up to date; nothing to do")
+            return previous
+    return run_eval(eval_cfg)
+
+
+def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, preset, config, tokens: int,
+                  seed: int, eval_data: str):
+    from miniplm.train import DataSpec, EvalSpec, ModelSpec, OptimSpec, TrainConfig
+
+    t = cfg.train
+    return TrainConfig(
+        output=output, model=ModelSpec(preset=preset, config=config, tokenizer=tokenizer),
+        data=DataSpec(path=data, seq_len=t.seq_len, seed=seed),
+        optim=OptimSpec(lr=t.lr, warmup_steps=t.warmup_steps),
+        eval=EvalSpec(data=eval_data, every=t.eval_every),
+        tokens=tokens, batch_tokens=t.batch_tokens, micro_batch=t.micro_batch, num_workers=t.num_workers,
+        cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu, seed=seed,
+        checkpoint_every=t.checkpoint_every)
+
+
+# ---------------------------------------------------------------- configs
+
+
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+# the 2-minute smoke version of the demo: a smaller corpus and budgets
+QUICK = ["corpus.sample_bytes=200000", "teacher.tokens=80000", "reference.tokens=20000",
+         "students[0].tokens=40000", "students[1].tokens=40000", "train.eval_every=5"]
+
+
+def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineConfig:
+    from miniplm.config import load
+
+    return load(PipelineConfig, path, overrides or [])
+
+
+def demo_config(output: str, quick: bool = False) -> PipelineConfig:
+    return load_pipeline(DEMO_CONFIG, [f"output={output}"] + (QUICK if quick else []))

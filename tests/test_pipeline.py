@@ -1,0 +1,84 @@
+"""run / demo: the whole pipeline end to end, reuse when a student is added, config errors."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from miniplm import io
+from miniplm.config import load
+from miniplm.pipeline import PipelineConfig, demo_config, load_pipeline, run_pipeline, DEMO_CONFIG
+
+
+def read_ids(root) -> list[str]:
+    manifest = io.read_json(os.path.join(root, io.MANIFEST))
+    return sorted(i for p in manifest["parts"] for i in pq.read_table(os.path.join(root, p["name"]))["id"].to_pylist())
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run_pipeline(demo_config(str(out), quick=True))
+    return out, result
+
+
+@pytest.mark.timeout(900)
+def test_demo_quick_end_to_end(demo_run):
+    out, result = demo_run
+    for path in ["instances", "heldout", "pool", "d_ref", "scores/teacher", "scores/reference",
+                 "refined", "random"]:
+        assert os.path.exists(out / path / io.MANIFEST), path
+    # the score tables join the instances they scored, one row each
+    pool = read_ids(out / "pool")
+    assert read_ids(out / "scores" / "teacher") == pool == read_ids(out / "scores" / "reference")
+    refined, random = read_ids(out / "refined"), read_ids(out / "random")
+    assert set(refined) <= set(pool) and len(refined) == len(random) == math.floor(0.5 * len(pool))
+    assert not set(read_ids(out / "d_ref")) & set(pool)  # D_ref is held out from selection
+    summary = result["summary"]
+    assert set(summary["runs"]) == {"vanilla", "miniplm"}
+    for name, run in summary["runs"].items():
+        assert math.isfinite(run["final_eval_loss"]) and math.isfinite(run["bits_per_byte"]), name
+        assert os.path.exists(out / "students" / name / "final" / "config.json")
+    assert (out / "report" / "loss_vs_flops.png").stat().st_size > 0
+    assert "Compute-saving factor" in (out / "report" / "report.md").read_text()
+
+
+@pytest.mark.timeout(600)
+def test_adding_a_student_trains_only_that_student(demo_run):
+    out, _ = demo_run
+    tables = {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")}
+    cfg = demo_config(str(out), quick=True)
+    extra = load_pipeline(DEMO_CONFIG, [f"output={out}", *quick_overrides(),
+                                        "students[2]={name: miniplm-seed2, corpus: refined, preset: tiny, "
+                                        "tokens: 40000, seed: 2}"])
+    assert len(extra.students) == len(cfg.students) + 1
+    log = {name: status for name, status, _ in run_pipeline(extra)["steps"]}
+    assert log["train student miniplm-seed2"] == "ran"
+    for name in ("prepare corpus", "split D_ref", "train teacher", "train reference", "score teacher",
+                 "score reference", "select refined", "select random", "train student vanilla",
+                 "train student miniplm", "eval student vanilla", "eval student miniplm"):
+        assert log[name] == "reused", name
+    assert {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")} == tables
+
+
+def quick_overrides() -> list[str]:
+    from miniplm.pipeline import QUICK
+
+    return QUICK
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher={checkpoint: /no/such/ckpt}", "teacher.checkpoint: no HF checkpoint"),
+    ("selection.alpha=1.5", "selection.alpha must be in"),
+    ("selection.alpha=0", "selection.alpha must be in"),
+    ("students[1].preset=enormous", "students\\[1\\].preset: unknown preset 'enormous'"),
+    ("students[0].corpus=everything", "students\\[0\\].corpus"),
+    ("reference.tokens=0", "reference.tokens"),
+])
+def test_config_errors_name_the_key(override, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", override])
+    assert not (tmp_path / "never").exists()
