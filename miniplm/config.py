@@ -140,10 +140,14 @@ def set_dotted(values: dict, assignment: str) -> None:
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {here} is not inside a section")
             node = node.setdefault(here, [] if isinstance(nxt, int) else {})
+    value = yaml.safe_load(raw)
     if isinstance(steps[-1], int):
-        node[steps[-1]] = yaml.safe_load(raw)
-    else:
-        node[steps[-1]] = yaml.safe_load(raw)
+        if not isinstance(node, list) or steps[-1] > len(node):
+            raise ValueError(f"--set {key}: no item [{steps[-1]}]")
+        if steps[-1] == len(node):  # one past the end appends: `students[2]=...` adds a student
+            node.append(value)
+            return
+    node[steps[-1]] = value
 
 
 def load(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
