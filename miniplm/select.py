@@ -71,12 +71,19 @@ class SelectConfig:
 # ---------------------------------------------------------------- loading and checks
 
 
-def read_columns(root: str, parts: list[dict], columns: list[str]) -> pa.Table:
+def read_columns(root: str, parts: list[dict], columns: list[str], with_part: bool = False) -> pa.Table:
+    """The columns of every part; `with_part` adds `_part`, the part's index, so the text
+    pass can filter each part against only its own kept ids."""
     tables = []
-    for part in parts:
+    for k, part in enumerate(parts):
         with fsspec.open(io.join(root, part["name"]), "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+            table = pq.read_table(f, columns=columns)
+        if with_part:
+            table = table.append_column("_part", pa.array(np.full(table.num_rows, k, dtype=np.int32)))
+        tables.append(table)
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pa.concat_tables(tables)
 
 
 def load_score_table(root: str, role: str, instances_fp: str) -> tuple[pa.Table, dict]:
@@ -202,7 +209,8 @@ def run_select(cfg: SelectConfig) -> dict:
         print(f"select: {cfg.output} is already complete ({manifest['instances']} kept); nothing to do")
         return manifest
 
-    instances = read_columns(cfg.instances, inst_manifest["parts"], ["id", "n_bytes", "source"])
+    instances = read_columns(cfg.instances, inst_manifest["parts"], ["id", "n_bytes", "source"],
+                             with_part=True)
     table = join_scores(instances, teacher, reference)
     score, key = selection_scores(table, cfg)
     ids = table["id"].to_numpy(zero_copy_only=False)
@@ -278,19 +286,26 @@ def write_refined(cfg: SelectConfig, parts: list[dict], table: pa.Table, sample_
     """Stream the instance parts through the kept-id filter; same part names, empty parts skipped."""
     from tqdm.auto import tqdm
 
-    kept = table.filter(table["kept"]).select(["id", "score"])
+    kept = table.filter(table["kept"]).select(["id", "score", "_part"])
+    # kept rows grouped by the part they came from: each part is matched against its own ids
+    order = np.argsort(kept["_part"].to_numpy(), kind="stable")
+    bounds = np.searchsorted(kept["_part"].to_numpy()[order], np.arange(len(parts) + 1))
     fingerprint = io.RowSetHash()
     out_parts, texts = [], {}
     sample_set = pa.array(sorted(sample_ids), pa.string())
-    for part in tqdm(parts, desc="select: writing", unit="part"):
+    sample_parts = set(table.filter(pc.is_in(table["id"], sample_set))["_part"].to_pylist())
+    for k, part in enumerate(tqdm(parts, desc="select: writing", unit="part")):
+        if bounds[k] == bounds[k + 1] and k not in sample_parts:
+            continue  # nothing kept here and no sample to show
         with fsspec.open(io.join(cfg.instances, part["name"]), "rb") as f:
             inst = pq.read_table(f)
         samples = inst.filter(pc.is_in(inst["id"], sample_set))
         texts.update(zip(samples["id"].to_pylist(), samples["text"].to_pylist()))
-        inst = inst.filter(pc.is_in(inst["id"], kept["id"]))
+        part_kept = kept.take(order[bounds[k]:bounds[k + 1]]).select(["id", "score"])
+        inst = inst.filter(pc.is_in(inst["id"], part_kept["id"]))
         if not inst.num_rows:
             continue
-        refined = inst.join(kept, "id", join_type="inner").select(REFINED_SCHEMA.names)
+        refined = inst.join(part_kept, "id", join_type="inner").select(REFINED_SCHEMA.names)
         refined = refined.sort_by("id").cast(REFINED_SCHEMA)
         io.write_parquet(io.join(cfg.output, part["name"]), refined)
         for id_, text in zip(refined["id"].to_pylist(), refined["text"].to_pylist()):
@@ -309,9 +324,10 @@ def build_report(table: pa.Table, cfg: SelectConfig, threshold: float) -> dict:
     tokens = table["t_tokens"].to_numpy()
     qs = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
     per_source = {}
-    for source in sorted(set(table["source"].to_pylist())):
-        mask = (table["source"].to_numpy(zero_copy_only=False) == source)
-        per_source[source] = {"kept": int((mask & kept).sum()), "dropped": int((mask & ~kept).sum()),
+    sources = table["source"].to_numpy(zero_copy_only=False)
+    for source in np.unique(sources):
+        mask = sources == source
+        per_source[str(source)] = {"kept": int((mask & kept).sum()), "dropped": int((mask & ~kept).sum()),
                               "tokens_kept": int(tokens[mask & kept].sum()),
                               "mean_score": float(score[mask].mean())}
     return {

@@ -530,6 +530,12 @@ def run_train(cfg: TrainConfig) -> dict:
     with open(os.path.join(cfg.output, "config.json"), "w") as f:
         json.dump({"train": to_dict(cfg), "model": hf_config.to_dict(), "version": __version__}, f, indent=2)
     init_ray()
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    if cfg.num_workers * cfg.cpus_per_worker >= total_cpus:
+        # workers hold their CPUs for the whole run: Ray Data's read tasks would never start
+        raise ValueError(f"cpus_per_worker: {cfg.num_workers} worker(s) x {cfg.cpus_per_worker} CPUs "
+                         f"leave none of the cluster's {total_cpus:g} CPUs for streaming the data; "
+                         "lower cpus_per_worker or num_workers")
     started = time.time()
     cache, cache_manifest = build_token_cache(cfg.data, cfg.model.tokenizer, cfg.output)
     eval_cache = None
