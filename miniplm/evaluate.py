@@ -12,8 +12,6 @@ import dataclasses
 import math
 import os
 
-import pyarrow.parquet as pq
-
 from miniplm import __version__, io
 from miniplm.config import describe, field, to_dict
 
@@ -44,10 +42,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     scores = run_score(ScoreConfig(instances=cfg.data, model=cfg.model, output=scores_dir,
                                    batch_tokens=cfg.batch_tokens, cpus_per_worker=cfg.cpus_per_worker,
                                    device=cfg.device, overwrite=_stale(scores_dir, cfg.model)))
-    logprob = 0.0
-    for part in scores["parts"]:
-        with io.fsspec_open(io.join(scores_dir, part["name"])) as f:
-            logprob += float(pq.read_table(f, columns=["logprob"])["logprob"].to_numpy().sum())
+    logprob = scores["logprob"]  # summed by the score stage as it checked its table
     n_bytes = instances["bytes"]
     loss = -logprob / scores["tokens"]
     result = {

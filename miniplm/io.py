@@ -55,10 +55,6 @@ def arrow_filesystem(fs):
     return PyFileSystem(FSSpecHandler(fs))
 
 
-def fsspec_open(url: str, mode: str = "rb"):
-    return fsspec.open(url, mode)
-
-
 def read_json(url: str) -> Any:
     with fsspec.open(url, "r") as f:
         return json.load(f)

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -167,7 +168,7 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
         return
     halves = {inside: ([], io.RowSetHash()), outside: ([], io.RowSetHash())}
     for part in manifest["parts"]:
-        with io.fsspec_open(io.join(src, part["name"])) as f:
+        with fsspec.open(io.join(src, part["name"]), "rb") as f:
             table = pq.read_table(f)
         mask = in_subset(table["id"].to_pylist(), fraction, seed)
         for root, keep in ((inside, mask), (outside, ~mask)):
@@ -190,7 +191,7 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    from miniplm.evaluate import EvalConfig, run_eval
+    from miniplm.evaluate import EvalConfig
     from miniplm.prepare import PrepareConfig, run_prepare
     from miniplm.report import ReportConfig, run_report
     from miniplm.runtime import init_ray

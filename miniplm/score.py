@@ -325,7 +325,7 @@ def _finish(cfg: ScoreConfig, provenance: dict, expected: dict[str, int], second
         logprob += pc.sum(table["logprob"]).as_py() or 0.0
         parts.append({"name": name, "rows": n, "tokens": part_tokens})
     manifest = {"stage": "score", "version": __version__, "config": to_dict(cfg), "provenance": provenance,
-                "rows": rows, "tokens": tokens,
+                "rows": rows, "tokens": tokens, "logprob": logprob,
                 "mean_logprob_per_token": logprob / tokens if tokens else float("nan"),
                 "parts": parts, "seconds": round(seconds, 2)}
     io.write_manifest(cfg.output, manifest)

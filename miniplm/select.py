@@ -19,7 +19,6 @@ or the UTF-8 byte count (`--normalize byte`, comparable across tokenizers).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+import fsspec
 import pyarrow.parquet as pq
 
 from miniplm import io
@@ -32,7 +33,7 @@ def iter_texts(root: str, limit: int | None = None) -> Iterator[str]:
 
     n = 0
     for part in read_instances_manifest(root)["parts"]:
-        with io.fsspec_open(io.join(root, part["name"])) as f:
+        with fsspec.open(io.join(root, part["name"]), "rb") as f:
             for text in pq.read_table(f, columns=["text"])["text"].to_pylist():
                 if limit is not None and n >= limit:
                     return

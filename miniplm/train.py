@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -116,8 +117,9 @@ class TrainConfig:
                              "(train one with `miniplm train-tokenizer`)")
         if (self.tokens is None) == (self.steps is None):
             raise ValueError("tokens / steps: give exactly one training budget")
-        if (self.tokens or 0) < 0 or (self.steps or 0) < 0 or (self.tokens == 0 or self.steps == 0):
-            raise ValueError(f"{'tokens' if self.tokens is not None else 'steps'}: the budget must be > 0")
+        budget_key = "tokens" if self.tokens is not None else "steps"
+        if getattr(self, budget_key) <= 0:
+            raise ValueError(f"{budget_key}: the budget must be > 0")
         if not 0 < self.data.fraction <= 1:
             raise ValueError(f"data.fraction must be in (0, 1], got {self.data.fraction}")
         per_step = self.data.seq_len * self.micro_batch * self.num_workers
@@ -212,7 +214,7 @@ def pack_part(batch: dict, tokenizer_path: str, seq_len: int, fraction: float, s
     tok = load_tokenizer(tokenizer_path)
     stats = []
     for part, url in zip(batch["part"], batch["url"]):
-        with io.fsspec_open(str(url)) as f:
+        with fsspec.open(str(url), "rb") as f:
             table = pq.read_table(f, columns=["id", "text"])
         keep = in_subset(table["id"].to_pylist(), fraction, seed)
         texts = [t for t, k in zip(table["text"].to_pylist(), keep) if k]
@@ -277,7 +279,7 @@ def read_sequences(root: str, manifest: dict, limit: int | None = None) -> np.nd
     for part in manifest["parts"]:
         if not part["rows"]:
             continue
-        with io.fsspec_open(io.join(root, part["name"])) as f:
+        with fsspec.open(io.join(root, part["name"]), "rb") as f:
             col = pq.read_table(f)["input_ids"].combine_chunks()
         out.append(col.values.to_numpy().reshape(len(col), -1))
         n += len(col)

@@ -9,8 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from miniplm import io
-from miniplm.config import load
-from miniplm.pipeline import PipelineConfig, demo_config, load_pipeline, run_pipeline, DEMO_CONFIG
+from miniplm.pipeline import DEMO_CONFIG, demo_config, load_pipeline, run_pipeline
 
 
 def read_ids(root) -> list[str]:
