@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import posixpath
 
 from miniplm import __version__, io
 from miniplm.config import describe, field, to_dict
@@ -38,7 +39,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     print(describe(cfg), flush=True)
     instances = read_instances_manifest(cfg.data)
-    scores_dir = os.path.splitext(cfg.output)[0] + ".scores"
+    scores_dir = posixpath.splitext(cfg.output)[0] + ".scores"
     scores = run_score(ScoreConfig(instances=cfg.data, model=cfg.model, output=scores_dir,
                                    batch_tokens=cfg.batch_tokens, cpus_per_worker=cfg.cpus_per_worker,
                                    device=cfg.device, overwrite=_stale(scores_dir, cfg.model)))
@@ -53,7 +54,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     }
     if cfg.tasks:
         result["tasks"] = run_lm_eval(cfg.model, cfg.tasks, cfg.device, cfg.limit)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
     io.write_json(cfg.output, result)
     print(f"eval: loss/token {loss:.4f}, bits/byte {result['bits_per_byte']:.4f} on "
           f"{result['instances']} instances" + "".join(
@@ -96,7 +96,7 @@ def run_lm_eval(model: str, tasks: list[str], device: str, limit: int | None) ->
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     out = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": model, "dtype": "float32" if device == "cpu" else "bfloat16"},
+        model="hf", model_args={"pretrained": io.local_copy(model), "dtype": "float32" if device == "cpu" else "bfloat16"},
         tasks=names, task_manager=TaskManager(include_path=sorted(set(include)) or None),
         device=device, batch_size=8, limit=limit, log_samples=False)
     results = {}

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import shutil
 import uuid
 from typing import Any, Iterable
 
@@ -35,6 +37,18 @@ def join(root: str, *names: str) -> str:
 def exists(url: str) -> bool:
     fs, path = url_to_fs(url)
     return fs.exists(path)
+
+
+def is_local(url: str) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(url_to_fs(url)[0], LocalFileSystem)
+
+
+def local_path(url: str) -> str:
+    """The absolute local path of a local URL (`file://x`, `./x`); URLs elsewhere unchanged.
+    Ray Train and other non-fsspec code need a plain path for local storage."""
+    return os.path.abspath(url_to_fs(url)[1]) if is_local(url) else url
 
 
 def list_parts(root: str) -> list[str]:
@@ -62,10 +76,10 @@ def read_json(url: str) -> Any:
 
 def write_json(url: str, obj: Any) -> None:
     """Write JSON so that a reader never sees half a file (tmp name, then move)."""
-    _atomic_write(url, json.dumps(obj, indent=2, sort_keys=False).encode())
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=False).encode())
 
 
-def _atomic_write(url: str, data: bytes) -> None:
+def write_bytes(url: str, data: bytes) -> None:
     fs, path = url_to_fs(url)
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, TMP, f"{name}.{uuid.uuid4().hex}")
@@ -88,7 +102,7 @@ def write_parquet(url: str, table: pa.Table, metadata: dict | None = None) -> No
         table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    _atomic_write(url, sink.getvalue().to_pybytes())
+    write_bytes(url, sink.getvalue().to_pybytes())
 
 
 def read_parquet_metadata(url: str) -> dict:
@@ -110,6 +124,51 @@ def write_manifest(root: str, manifest: dict) -> None:
     """Mark a stage's output finished: the manifest goes last, then write leftovers go."""
     write_json(join(root, MANIFEST), manifest)
     clear_tmp(root)
+
+
+def cache_dir() -> str:
+    return os.environ.get("MINIPLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "miniplm"))
+
+
+def local_copy(url: str) -> str:
+    """A local path holding `url` (a file or a folder): the path itself on local disk, else a
+    download cached on this machine. The cache key covers every file's name, size and ETag,
+    so a checkpoint rewritten in place downloads again. Safe when several workers of one node
+    ask at once: each downloads into its own folder and the first rename wins."""
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        return path
+    path = path.rstrip("/")
+    files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    if not files:
+        raise FileNotFoundError(f"{url}: nothing there to download")
+    listing = sorted((name, info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
+                     for name, info in files.items())
+    target = os.path.join(cache_dir(), "remote", hash_json([url, listing]), posixpath.basename(path))
+    if os.path.exists(target):
+        return target
+    staging = f"{os.path.dirname(target)}.{uuid.uuid4().hex}.partial"
+    for name in files:
+        relative = posixpath.relpath(name, path) if name != path else ""
+        dest = os.path.join(staging, posixpath.basename(path), relative)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get_file(name, dest)
+    try:
+        os.rename(staging, os.path.dirname(target))
+    except OSError:  # another process finished first: theirs is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def upload_dir(local: str, url: str) -> None:
+    """Copy a local folder's files to `url` (a local folder or an object-store prefix)."""
+    fs, path = url_to_fs(url)
+    for parent, _, names in os.walk(local):
+        for name in names:
+            relative = os.path.relpath(os.path.join(parent, name), local).replace(os.sep, "/")
+            dest = posixpath.join(path, relative)
+            fs.makedirs(posixpath.dirname(dest), exist_ok=True)
+            fs.put_file(os.path.join(parent, name), dest)
 
 
 def remove_dir(root: str) -> None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
+import posixpath
+from io import BytesIO
 
+import fsspec
 import numpy as np
 
+from miniplm import io
 from miniplm.config import describe, field
 
 
@@ -35,14 +38,15 @@ class Curve:
 
 
 def load_run(path: str) -> dict:
-    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl")) if line.strip()]
+    with fsspec.open(io.join(path, "metrics.jsonl"), "r") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     evals = [r for r in rows if "eval_loss" in r]
-    run = {"name": os.path.basename(os.path.normpath(path)), "path": path, "rows": rows,
-           "curve": Curve(os.path.basename(os.path.normpath(path)),
-                          np.array([r["flops"] for r in evals], dtype=float),
+    name = posixpath.basename(path.rstrip("/"))
+    run = {"name": name, "path": path, "rows": rows,
+           "curve": Curve(name, np.array([r["flops"] for r in evals], dtype=float),
                           np.array([r["eval_loss"] for r in evals], dtype=float))}
-    eval_json = os.path.join(path, "eval.json")
-    run["eval"] = json.load(open(eval_json)) if os.path.exists(eval_json) else None
+    eval_json = io.join(path, "eval.json")
+    run["eval"] = io.read_json(eval_json) if io.exists(eval_json) else None
     return run
 
 
@@ -108,13 +112,10 @@ def run_report(cfg: ReportConfig) -> dict:
                          loss_per_token=run["eval"]["loss_per_token"],
                          tasks={t: m.get("acc") for t, m in run["eval"]["tasks"].items()})
         summary["runs"][run["name"]] = entry
-    os.makedirs(cfg.output, exist_ok=True)
-    with open(os.path.join(cfg.output, "report.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    io.write_json(io.join(cfg.output, "report.json"), summary)
     table = markdown_table(summary)
-    with open(os.path.join(cfg.output, "report.md"), "w") as f:
-        f.write(table + "\n")
-    plot_curves(runs, summary, os.path.join(cfg.output, "loss_vs_flops.png"))
+    io.write_bytes(io.join(cfg.output, "report.md"), (table + "\n").encode())
+    io.write_bytes(io.join(cfg.output, "loss_vs_flops.png"), plot_curves(runs, summary))
     print(table)
     return summary
 
@@ -139,7 +140,8 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(runs: list[dict], summary: dict, path: str) -> None:
+def plot_curves(runs: list[dict], summary: dict) -> bytes:
+    """The loss-vs-FLOPs figure as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,5 +159,7 @@ def plot_curves(runs: list[dict], summary: dict, path: str) -> None:
                                                 if summary["compute_saving_factor"] else ""))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    return buf.getvalue()

@@ -34,7 +34,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ScoreConfig:
     instances: str = field(help="instances dataset folder (from `miniplm prepare` or `select`)")
-    model: str = field(help="local folder of a Hugging Face causal LM and its tokenizer")
+    model: str = field(help="folder of a Hugging Face causal LM and its tokenizer (local path or "
+                            "fsspec URL; remote checkpoints are downloaded once per machine)")
     output: str = field(help="folder for the score table (local path or fsspec URL)")
     max_length: int | None = field(None, help="context per forward pass (default: the model's)")
     stride: int | None = field(None, help="tokens each sliding window adds (default: max_length // 2)")
@@ -66,7 +67,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Cached per worker process: Ray reuses workers, so each loads the tokenizer once."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(io.local_copy(path), trust_remote_code=trust_remote_code)
     tok.model_max_length = 1 << 62  # we window long texts ourselves; silence the length warning
     return tok
 
@@ -76,7 +77,7 @@ def load_model(path: str, *, device: str, dtype: str, trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, resolve_dtype(dtype, device))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+    model = AutoModelForCausalLM.from_pretrained(io.local_copy(path), dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
@@ -88,8 +89,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def check_model_dir(path: str) -> None:
-    if not posixpath.isfile(posixpath.join(path, "config.json")):
-        raise FileNotFoundError(f"--model {path}: no config.json there; expected a local folder "
+    if not io.exists(io.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path}: no config.json there; expected a folder "
                                 "written by save_pretrained (model + tokenizer)")
 
 
@@ -100,7 +101,7 @@ def model_fingerprint(path: str) -> str:
                      if p.endswith((".safetensors", ".bin", ".pt")) and "training_args" not in p)
     if not weights:
         raise FileNotFoundError(f"--model {path}: no weight files (*.safetensors, *.bin)")
-    return io.hash_files([posixpath.join(root, "config.json"), *weights])
+    return io.hash_files([fs.unstrip_protocol(p) for p in (posixpath.join(root, "config.json"), *weights)])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -201,7 +202,7 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     from transformers import AutoConfig
 
     max_length = cfg.max_length or context_length(AutoConfig.from_pretrained(
-        cfg.model, trust_remote_code=cfg.trust_remote_code)) or 2048
+        io.local_copy(cfg.model), trust_remote_code=cfg.trust_remote_code)) or 2048
     stride = cfg.stride or max(1, max_length // 2)
     init_ray()
     device = cfg.device

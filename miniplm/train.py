@@ -25,6 +25,7 @@ import numpy as np
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 from miniplm import __version__, io
 from miniplm.config import field
@@ -143,11 +144,11 @@ class TrainConfig:
 
 
 def load_tokenizer_checked(path: str):
-    from transformers import AutoTokenizer
+    from miniplm.score import load_tokenizer
 
-    if not os.path.isdir(path):
-        raise ValueError(f"model.tokenizer: no tokenizer folder at {path}")
-    tok = AutoTokenizer.from_pretrained(path)
+    if not io.exists(io.join(path, "tokenizer_config.json")):
+        raise ValueError(f"model.tokenizer: no tokenizer folder (tokenizer_config.json) at {path}")
+    tok = load_tokenizer(path)
     if tok.eos_token_id is None:
         raise ValueError(f"model.tokenizer: {path} has no EOS token to separate documents")
     return tok
@@ -162,8 +163,8 @@ def model_config(spec: ModelSpec, tokenizer, seq_len: int):
     specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
     if spec.config:
-        path = spec.config[:-len("config.json")] if spec.config.endswith("config.json") else spec.config
-        config = AutoConfig.from_pretrained(path)
+        url = spec.config if spec.config.endswith(".json") else io.join(spec.config, "config.json")
+        config = AutoConfig.from_pretrained(io.local_copy(url))
         if config.vocab_size < len(tokenizer):
             raise ValueError(f"model.config: vocab_size {config.vocab_size} is smaller than the "
                              f"tokenizer's {len(tokenizer)}")
@@ -357,9 +358,8 @@ def train_loop(loop_config: dict) -> None:
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
-    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     if rank == 0:
-        truncate_metrics(metrics_path, state["step"])
+        metrics = MetricsLog(io.join(cfg.output, "metrics.jsonl"), resume_step=state["step"])
         if checkpoint:
             print(f"train: resumed from step {state['step']} ({state['tokens']} tokens)", flush=True)
 
@@ -413,17 +413,28 @@ def train_loop(loop_config: dict) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             if state["step"] % cfg.log_every == 0 or last or "eval_loss" in row or checkpoint_now:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                metrics.append(row)
         if checkpoint_now:
+            if rank == 0:
+                metrics.flush()
             save_checkpoint(raw_model, opt, state, rank, row)
     if rank == 0:
         bar.close()
-        final = os.path.join(cfg.output, "final")
-        raw_model.save_pretrained(final)
-        from miniplm.score import load_tokenizer
+        metrics.flush()
+        save_final(raw_model, cfg)
 
-        load_tokenizer(cfg.model.tokenizer).save_pretrained(final)
+
+def save_final(model, cfg: TrainConfig) -> None:
+    """The trained model + its tokenizer as a standard HF checkpoint in OUTPUT/final."""
+    from miniplm.score import load_tokenizer
+
+    final = io.join(cfg.output, "final")
+    with tempfile.TemporaryDirectory() as d:
+        target = io.local_path(final) if io.is_local(final) else d
+        model.save_pretrained(target)
+        load_tokenizer(cfg.model.tokenizer).save_pretrained(target)
+        if target == d:
+            io.upload_dir(d, final)
 
 
 def micro_batches(shard, cfg: TrainConfig, state: dict):
@@ -485,14 +496,32 @@ def save_checkpoint(model, opt, state: dict, rank: int, metrics: dict) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{state['step']:08d}")
 
 
-def truncate_metrics(path: str, step: int) -> None:
-    """A resumed run rewrites the metrics after its checkpoint, so drop those lines first."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
+class MetricsLog:
+    """OUTPUT/metrics.jsonl, one JSON line per logged step. A resumed run re-does the steps after
+    its checkpoint, so their lines are dropped first. Local files are appended line by line;
+    object stores cannot append, so there the file is rewritten at every checkpoint and at the end."""
+
+    def __init__(self, url: str, resume_step: int):
+        self.url, self.local = url, io.is_local(url)
+        self.lines: list[str] = []
+        if io.exists(url):
+            with fsspec.open(url, "r") as f:
+                self.lines = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        self._rewrite()
+
+    def append(self, row: dict) -> None:
+        line = json.dumps(row) + "\n"
+        self.lines.append(line)
+        if self.local:
+            with fsspec.open(self.url, "a") as f:
+                f.write(line)
+
+    def flush(self) -> None:
+        if not self.local:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        io.write_bytes(self.url, "".join(self.lines).encode())
 
 
 class _null:
@@ -512,6 +541,16 @@ def _progress(rank: int, total: int, initial: int):
 # ---------------------------------------------------------------- the stage
 
 
+def ray_storage(output: str) -> dict:
+    """RunConfig storage arguments: checkpoints go where the run folder is. Object stores go
+    through the same fsspec filesystem as every other stage, so credentials, endpoints and
+    options resolve one way (and pyarrow's own S3 client is not a second one to configure)."""
+    if io.is_local(output):
+        return {"storage_path": io.local_path(output)}
+    fs, path = url_to_fs(output)
+    return {"storage_path": path, "storage_filesystem": io.arrow_filesystem(fs)}
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """Check the config, build the token caches, run the Ray Train job; returns a summary."""
     import ray
@@ -524,13 +563,12 @@ def run_train(cfg: TrainConfig) -> dict:
     print(describe(cfg), flush=True)
     tokenizer = load_tokenizer_checked(cfg.model.tokenizer)
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len)  # fails before Ray starts
-    done_path = os.path.join(cfg.output, DONE)
-    if os.path.exists(done_path) and json.load(open(done_path))["train"] == to_dict(cfg):
+    done_path = io.join(cfg.output, DONE)
+    if io.exists(done_path) and io.read_json(done_path)["train"] == to_dict(cfg):
         print(f"train: {cfg.output} is already complete; nothing to do")
-        return json.load(open(done_path))
-    os.makedirs(cfg.output, exist_ok=True)
-    with open(os.path.join(cfg.output, "config.json"), "w") as f:
-        json.dump({"train": to_dict(cfg), "model": hf_config.to_dict(), "version": __version__}, f, indent=2)
+        return io.read_json(done_path)
+    io.write_json(io.join(cfg.output, "config.json"),
+                  {"train": to_dict(cfg), "model": hf_config.to_dict(), "version": __version__})
     init_ray()
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if cfg.num_workers * cfg.cpus_per_worker >= total_cpus:
@@ -562,7 +600,7 @@ def run_train(cfg: TrainConfig) -> dict:
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=ray.train.RunConfig(
-            name="ray", storage_path=os.path.abspath(cfg.output),
+            name="ray", **ray_storage(cfg.output),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
         datasets={"train": dataset},
@@ -571,7 +609,7 @@ def run_train(cfg: TrainConfig) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    summary = {"output": cfg.output, "steps": cfg.total_steps, "final": os.path.join(cfg.output, "final"),
+    summary = {"output": cfg.output, "steps": cfg.total_steps, "final": io.join(cfg.output, "final"),
                "metrics": result.metrics, "seconds": round(time.time() - started, 1), "train": to_dict(cfg)}
     io.write_json(done_path, summary)
     print(f"train: done in {summary['seconds']}s -> {summary['final']}", flush=True)

@@ -1,0 +1,156 @@
+"""Object storage: every stage reads and writes s3:// URLs and gives the same results as on
+local disk. The S3 API is real (moto's server on a loopback port, s3fs as the client); the
+S3 run goes through the CLI in its own process, the way a user runs it with credentials and
+an endpoint in the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import save_tiny_model, write_jsonl
+from safetensors.torch import load_file
+
+from miniplm import io
+from miniplm.config import load
+from miniplm.prepare import PrepareConfig, run_prepare
+from miniplm.score import ScoreConfig, run_score
+from miniplm.select import SelectConfig, run_select
+from miniplm.train import TrainConfig, run_train
+
+BUCKET = "miniplm"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server; yields (s3fs filesystem, environment for a client process)."""
+    import s3fs
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.3)
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+        fs.mkdir(BUCKET)
+        env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint, RAY_ADDRESS="local",
+                   MINIPLM_CACHE=str(tmp_path_factory.mktemp("download_cache")))
+        yield fs, env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+# Several `miniplm` commands in one client process: each parses its arguments and runs
+# exactly as from the shell, and they share one Ray start-up (~10 s each on 2 CPUs).
+CLI_SESSION = """
+import json, sys
+from miniplm.cli import main
+for argv in json.loads(sys.argv[1]):
+    if main(argv):
+        sys.exit(f"miniplm {argv[0]} failed")
+"""
+
+
+def cli(env, *commands: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-c", CLI_SESSION, json.dumps(commands)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+def read_s3_parts(fs, root: str):
+    with fs.open(f"{root}/{io.MANIFEST}") as f:
+        manifest = json.load(f)
+    tables = []
+    for part in manifest["parts"]:
+        with fs.open(f"{root}/{part['name']}", "rb") as f:
+            tables.append(pq.read_table(f))
+    return tables
+
+
+def read_local_parts(root):
+    manifest = io.read_json(io.join(str(root), io.MANIFEST))
+    return [pq.read_table(os.path.join(root, p["name"])) for p in manifest["parts"]]
+
+
+TRAIN = ["model.preset=tiny", "data.seq_len=64", "micro_batch=4", "batch_tokens=256", "steps=4",
+         "checkpoint_every=2", "optim.warmup_steps=2", "cpus_per_worker=1"]
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_on_s3_equals_local_disk(s3, documents, tokenizer_dir, llama_dir, tmp_path, ray_session):
+    fs, env = s3
+    url = f"s3://{BUCKET}"
+    reference_dir = save_tiny_model("llama", tokenizer_dir, tmp_path / "reference", hidden=32, seed=1)
+    raw = tmp_path / "raw"
+    write_jsonl(raw / "docs_a.jsonl", [{"text": d} for d in documents[0:60]])
+    write_jsonl(raw / "docs_b.jsonl", [{"text": d} for d in documents[60:120]])
+    for local, remote in [(raw, "raw"), (tokenizer_dir, "tokenizer"), (llama_dir, "teacher"),
+                          (reference_dir, "reference")]:
+        fs.put(f"{local}/", f"{BUCKET}/{remote}/", recursive=True)
+
+    # on local disk, in this process
+    loc = tmp_path / "local"
+    run_prepare(PrepareConfig(inputs=[str(raw)], output=str(loc / "inst"), max_chars=800, rows_per_part=25))
+    for name, model in [("teacher", llama_dir), ("reference", reference_dir)]:
+        run_score(ScoreConfig(instances=str(loc / "inst"), model=str(model), output=str(loc / name),
+                              cpus_per_worker=0.5, batch_tokens=2048))
+    run_select(SelectConfig(instances=str(loc / "inst"), teacher=str(loc / "teacher"),
+                            reference=str(loc / "reference"), output=str(loc / "refined"), alpha=0.5))
+    run_train(load(TrainConfig, None, [f"output={loc / 'run'}", f"data.path={loc / 'refined'}",
+                                       f"model.tokenizer={tokenizer_dir}", *TRAIN]))
+
+    # the same on s3://, every path a URL, through the CLI
+    sets = [f"output={url}/run", f"data.path={url}/refined", f"model.tokenizer={url}/tokenizer", *TRAIN]
+    cli(env,
+        ["prepare", f"{url}/raw", "--output", f"{url}/inst", "--max-chars", "800", "--rows-per-part", "25"],
+        *[["score", "--instances", f"{url}/inst", "--model", f"{url}/{name}", "--output",
+           f"{url}/scores/{name}", "--cpus-per-worker", "0.5", "--batch-tokens", "2048"]
+          for name in ("teacher", "reference")],
+        ["select", "--instances", f"{url}/inst", "--teacher", f"{url}/scores/teacher", "--reference",
+         f"{url}/scores/reference", "--output", f"{url}/refined", "--alpha", "0.5"],
+        ["train", *[a for s in sets for a in ("--set", s)]])
+
+    # identical instances, score tables, refined corpus, loss curve and final weights
+    for local, remote in [("inst", "inst"), ("teacher", "scores/teacher"), ("reference", "scores/reference"),
+                          ("refined", "refined")]:
+        ours, theirs = read_local_parts(loc / local), read_s3_parts(fs, f"{BUCKET}/{remote}")
+        assert len(ours) == len(theirs) > 0, local
+        assert all(a.equals(b) for a, b in zip(ours, theirs)), local  # data, not provenance metadata
+    with open(loc / "run" / "metrics.jsonl") as f:
+        local_losses = [json.loads(line)["loss"] for line in f]
+    with fs.open(f"{BUCKET}/run/metrics.jsonl") as f:
+        s3_losses = [json.loads(line)["loss"] for line in f]
+    assert len(local_losses) == 4 and s3_losses == pytest.approx(local_losses, rel=1e-5)
+    assert fs.exists(f"{BUCKET}/run/ray") and fs.glob(f"{BUCKET}/run/ray/step-*")  # checkpoints on s3
+    fs.get(f"{BUCKET}/run/final/", str(tmp_path / "s3_final") + "/", recursive=True)
+    ours = load_file(loc / "run" / "final" / "model.safetensors")
+    theirs = load_file(tmp_path / "s3_final" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert (ours[k] - theirs[k]).abs().max() < 1e-4, k
