@@ -350,7 +350,7 @@ def train_loop(loop_config: dict) -> None:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
     state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # set on a re-run and after a worker failure
     if checkpoint:
         with checkpoint.as_directory() as d:
             saved = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
@@ -370,6 +370,7 @@ def train_loop(loop_config: dict) -> None:
     peak = cfg.peak_flops or measure_peak_flops(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
 
+    resumed_from = state["step"]
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state)
     seq_tokens = cfg.micro_batch * cfg.data.seq_len
     bar = _progress(rank, cfg.total_steps, state["step"])
@@ -404,6 +405,8 @@ def train_loop(loop_config: dict) -> None:
                "tokens_per_s": round(tokens_per_s, 1), "passes": state["epoch"],
                "mfu": round(6 * n_params * tokens_per_s / (peak * world), 5)}
         last = state["step"] == cfg.total_steps
+        if checkpoint and step == resumed_from:  # where a restore happened, for whoever reads the log
+            row["resumed_from"] = resumed_from
         if eval_seqs is not None and (last or (cfg.eval.every and state["step"] % cfg.eval.every == 0)):
             row["eval_loss"] = round(eval_loss(raw_model, eval_seqs, cfg.micro_batch, device), 6)
         checkpoint_now = state["step"] % cfg.checkpoint_every == 0 or last
@@ -412,7 +415,8 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if state["step"] % cfg.log_every == 0 or last or "eval_loss" in row or checkpoint_now:
+            noteworthy = last or checkpoint_now or row.keys() & {"eval_loss", "resumed_from"}
+            if state["step"] % cfg.log_every == 0 or noteworthy:
                 metrics.append(row)
         if checkpoint_now:
             if rank == 0:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -176,3 +179,45 @@ def test_bad_arguments_fail_before_work(instances, tmp_path):
         run_score(ScoreConfig(instances=str(instances), model=str(tmp_path), output=str(tmp_path / "o")))
     with pytest.raises(FileNotFoundError, match="_manifest.json"):
         run_score(ScoreConfig(instances=str(tmp_path), model=str(tmp_path), output=str(tmp_path / "o")))
+
+
+def scoring_actor_pids() -> set[int]:
+    """PIDs of this session's scoring actors: Ray runs each actor in a worker process titled
+    after its class, and the in-process Ray's processes all descend from this one."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "ScoreActor" in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:  # exited while we looked
+            pass
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_killed_scoring_actor_is_replaced_and_the_table_is_complete(instances, tokenizer_dir, tmp_path):
+    from conftest import save_tiny_model
+
+    # a model slow enough on CPU that parts are still being scored when the actor dies
+    model_dir = save_tiny_model("llama", tokenizer_dir, tmp_path / "model", hidden=256, layers=6)
+    clean = score(instances, model_dir, tmp_path / "clean")
+
+    killed, seen_after = [], set()
+
+    def kill_the_actor_once(name):
+        pids = scoring_actor_pids()
+        if not killed:
+            assert len(pids) == 1, pids
+            killed.append(pids.pop())
+            os.kill(killed[0], signal.SIGKILL)  # 1 of 4 parts written: the others are in flight
+        else:
+            seen_after.update(pids)
+
+    cfg = ScoreConfig(instances=str(instances), model=str(model_dir), output=str(tmp_path / "run"),
+                      cpus_per_worker=0.5, batch_tokens=2048)
+    run = run_score(cfg, on_part_written=kill_the_actor_once)
+    assert killed and seen_after and killed[0] not in seen_after  # a new process took over
+    assert run["rows"] == clean["rows"]
+    assert read_table(tmp_path / "run").equals(read_table(tmp_path / "clean"))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -75,38 +76,99 @@ def test_two_ddp_workers_stay_in_sync(corpus, tokenizer_dir, tmp_path):
     assert row["tokens"] == 3 * 512
 
 
-def _checkpoints(out):
-    root = out / "ray"
-    return sorted(p.name for p in root.glob("step-*")) if root.exists() else []
+def registered_checkpoints(out) -> str:
+    """Ray Train's record of the checkpoints its controller has registered: a checkpoint
+    folder exists a moment before that, and only a registered one is restored."""
+    snapshot = out / "ray" / "checkpoint_manager_snapshot.json"
+    return snapshot.read_text() if snapshot.exists() else ""
+
+
+def wait_for_checkpoint(out, name: str, alive, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while name not in registered_checkpoints(out) and time.time() < deadline and alive():
+        time.sleep(0.05)
+    assert name in registered_checkpoints(out), f"{name} never registered in {out}"
+
+
+# interrupted runs: the `mini` preset takes long enough per step that a kill after the first
+# checkpoint lands well before the last step
+INTERRUPTED = ["model.preset=mini", "steps=24", "checkpoint_every=6", "keep_checkpoints=3"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(corpus, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean_run")
+    run_train(config(corpus, tokenizer_dir, out, *INTERRUPTED))
+    return metrics(out)
+
+
+def assert_same_curve(resumed: list[dict], reference: list[dict]) -> None:
+    assert [r["step"] for r in resumed] == list(range(1, 25))
+    for a, b in zip(resumed, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), a["step"]
+        assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"])
 
 
 @pytest.mark.timeout(900)
-def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, tmp_path):
-    steps = ["steps=16", "checkpoint_every=6", "keep_checkpoints=3"]
-    clean = tmp_path / "clean"
-    run_train(config(corpus, tokenizer_dir, clean, *steps))
-
+def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "miniplm.cli", "train"]
-    for o in config_overrides(corpus, tokenizer_dir, out) + steps:
+    for o in config_overrides(corpus, tokenizer_dir, out) + INTERRUPTED:
         args += ["--set", o]
     env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, so the kill takes all of it
     proc = subprocess.Popen(args, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 400
-    while "step-00000006" not in _checkpoints(out) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+    wait_for_checkpoint(out, "step-00000006", alive=lambda: proc.poll() is None)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver and the Ray it started
     proc.wait()
-    assert "step-00000006" in _checkpoints(out)
     assert not (out / "final").exists()
 
-    run_train(config(corpus, tokenizer_dir, out, *steps))
-    resumed, reference = metrics(out), metrics(clean)
-    assert [r["step"] for r in resumed] == list(range(1, 17))
-    for a, b in zip(resumed, reference):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), a["step"]
-        assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"])
+    run_train(config(corpus, tokenizer_dir, out, *INTERRUPTED))
+    resumed = metrics(out)
+    assert resumed[6]["resumed_from"] >= 6
+    assert_same_curve(resumed, clean_run)
+
+
+def train_worker_pids() -> set[int]:
+    """PIDs of this session's Ray Train workers (processes titled after the actor class)."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+@pytest.mark.timeout(900)
+def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokenizer_dir, clean_run,
+                                                                 tmp_path):
+    out = tmp_path / "worker_killed"
+    cfg = config(corpus, tokenizer_dir, out, *INTERRUPTED, "max_failures=1")
+    outcome: dict = {}
+
+    def train():
+        try:
+            outcome["summary"] = run_train(cfg)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    wait_for_checkpoint(out, "step-00000006", alive=thread.is_alive)
+    (pid,) = train_worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "error" not in outcome, outcome.get("error")
+    assert (out / "final" / "config.json").exists()
+    rows = metrics(out)
+    restored = [r for r in rows if "resumed_from" in r]
+    assert len(restored) == 1 and restored[0]["resumed_from"] >= 6  # from a checkpoint, not step 0
+    assert pid not in train_worker_pids()
+    assert_same_curve(rows, clean_run)
 
 
 def config_overrides(corpus, tokenizer_dir, output) -> list[str]:
