@@ -83,17 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.command}: {err}")
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"miniplm {args.command}: error: {root_cause(err)}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"miniplm {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 1
     return 0
 
 
-def root_cause(err: BaseException) -> BaseException:
-    """Ray wraps errors raised in workers; the innermost one carries the useful message."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
+def user_message(err: BaseException) -> str:
+    """The message of the error a stage or one of its Ray workers raised. Ray appends its
+    retry advice on further lines; our messages are one line."""
+    from miniplm.runtime import unwrap
+
+    inner = unwrap(err)
+    return str(inner).split("\n")[0] if inner is not err else str(err)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ with a final name is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import shutil
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -27,6 +28,22 @@ MANIFEST = "_manifest.json"
 JOB = "_job.json"
 TMP = "_tmp"
 PART_GLOB = "part-*.parquet"
+
+
+class StorageError(RuntimeError):
+    """Writing an output failed (disk full, permission, read-only, bad bucket...)."""
+
+
+@contextlib.contextmanager
+def writing(url: str) -> Iterator[None]:
+    """Turn an OS / object-store error while writing `url` into one clear message. Writes are
+    atomic (see `write_bytes`), so a failed one leaves no file a re-run would take as done."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise StorageError(f"cannot write {url}: {reason}. Nothing half-written was kept: free "
+                           "space or fix permissions, then re-run the same command to resume.") from err
 
 
 def join(root: str, *names: str) -> str:
@@ -80,18 +97,21 @@ def write_json(url: str, obj: Any) -> None:
 
 
 def write_bytes(url: str, data: bytes) -> None:
+    """Write a file so it appears whole or not at all: into `_tmp/` next to it, then moved."""
     fs, path = url_to_fs(url)
     parent, name = posixpath.split(path)
     tmp = posixpath.join(parent, TMP, f"{name}.{uuid.uuid4().hex}")
-    fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-    except BaseException:
-        if fs.exists(tmp):
-            fs.rm(tmp)
-        raise
+    with writing(url):
+        fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
+        try:
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the disk may still refuse; _tmp is cleared on re-run
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+            raise
 
 
 def write_parquet(url: str, table: pa.Table, metadata: dict | None = None) -> None:
@@ -195,7 +215,8 @@ def claim_output(root: str, job: dict, *, overwrite: bool, what: str) -> bool:
         raise ValueError(f"{root} holds part files but no {JOB}: not made by this stage. "
                          "Use another --output, or --overwrite to replace it.")
     fs, path = url_to_fs(root)
-    fs.makedirs(path, exist_ok=True)
+    with writing(root):
+        fs.makedirs(path, exist_ok=True)
     write_json(job_url, job)
     return False
 

@@ -384,11 +384,8 @@ def _denominator(row: dict, tokens_key: str, unit: str) -> int:
 def write_report_files(output: str, table: pa.Table, report: dict, samples: str,
                        threshold: float, cfg: SelectConfig) -> None:
     io.write_json(io.join(output, "report.json"), report)
-    with fsspec.open(io.join(output, "samples.md"), "w") as f:
-        f.write(samples)
-    png = plot_scores(table, threshold, cfg)
-    with fsspec.open(io.join(output, "scores.png"), "wb") as f:
-        f.write(png)
+    io.write_bytes(io.join(output, "samples.md"), samples.encode())
+    io.write_bytes(io.join(output, "scores.png"), plot_scores(table, threshold, cfg))
 
 
 def plot_scores(table: pa.Table, threshold: float, cfg: SelectConfig) -> bytes:

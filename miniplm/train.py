@@ -433,7 +433,7 @@ def save_final(model, cfg: TrainConfig) -> None:
     from miniplm.score import load_tokenizer
 
     final = io.join(cfg.output, "final")
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, io.writing(final):
         target = io.local_path(final) if io.is_local(final) else d
         model.save_pretrained(target)
         load_tokenizer(cfg.model.tokenizer).save_pretrained(target)
@@ -517,7 +517,7 @@ class MetricsLog:
         line = json.dumps(row) + "\n"
         self.lines.append(line)
         if self.local:
-            with fsspec.open(self.url, "a") as f:
+            with io.writing(self.url), fsspec.open(self.url, "a") as f:
                 f.write(line)
 
     def flush(self) -> None:
