@@ -91,12 +91,16 @@ class PipelineConfig:
     device: str = field("auto", help="scoring device: cpu, cuda or auto")
 
     def __post_init__(self):
+        if not io.is_local(self.output):
+            raise ValueError(f"output: {self.output} is not a local folder. The pipeline keeps its "
+                             "bookkeeping on a local or shared file system; every stage command "
+                             "(prepare, score, select, train, eval) takes object-store URLs")
         if not 0 < self.selection.alpha <= 1:
             raise ValueError(f"selection.alpha must be in (0, 1], got {self.selection.alpha}")
         for role in ("teacher", "reference"):
             run: ModelRun = getattr(self, role)
             if run.checkpoint:
-                if not os.path.isfile(os.path.join(run.checkpoint, "config.json")):
+                if not io.exists(io.join(run.checkpoint, "config.json")):
                     raise ValueError(f"{role}.checkpoint: no HF checkpoint at {run.checkpoint}")
             else:
                 _check_preset(f"{role}.preset", run.preset)
@@ -116,7 +120,7 @@ class PipelineConfig:
                 _check_preset(f"students[{i}].preset", s.preset)
             if s.tokens <= 0:
                 raise ValueError(f"students[{i}].tokens: the budget must be > 0")
-        if self.tokenizer and not os.path.isdir(self.tokenizer):
+        if self.tokenizer and not io.exists(io.join(self.tokenizer, "tokenizer_config.json")):
             raise ValueError(f"tokenizer: no tokenizer folder at {self.tokenizer}")
 
 

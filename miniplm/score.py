@@ -269,8 +269,10 @@ def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype:
         batch_format="pyarrow",
         num_gpus=1 if device == "cuda" else 0,
         num_cpus=cfg.cpus_per_worker,
-        # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: a lost actor
-        # is restarted and its part retried instead of failing the run.
+        # a lost actor (preempted node, OOM-killed process) is restarted and its part retried
+        # instead of failing a days-long pass; said here, not left to Ray Data's defaults
+        max_restarts=-1,
+        max_task_retries=-1,
     )
 
 
