@@ -43,11 +43,22 @@ def metrics(output) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl"))]
 
 
+def run_settings(corpus) -> list[str]:
+    """The run every training test shares: uninterrupted once (`clean_run`), and killed twice."""
+    return ["steps=40", "checkpoint_every=10", "keep_checkpoints=3",
+            f"eval.data={corpus}", "eval.every=10", "eval.max_sequences=16"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(corpus, tokenizer_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean_run")
+    run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus)))
+    return out
+
+
 @pytest.mark.timeout(600)
-def test_loss_drops_and_final_checkpoint_scores(corpus, tokenizer_dir, tmp_path):
-    out = tmp_path / "run"
-    run_train(config(corpus, tokenizer_dir, out, "steps=40", "checkpoint_every=20",
-                     f"eval.data={corpus}", "eval.every=20", "eval.max_sequences=16"))
+def test_loss_drops_and_final_checkpoint_scores(corpus, clean_run, tmp_path):
+    out = clean_run
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 41))
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
@@ -90,43 +101,32 @@ def wait_for_checkpoint(out, name: str, alive, timeout: float = 400) -> None:
     assert name in registered_checkpoints(out), f"{name} never registered in {out}"
 
 
-# interrupted runs: the `mini` preset takes long enough per step that a kill after the first
-# checkpoint lands well before the last step
-INTERRUPTED = ["model.preset=mini", "steps=24", "checkpoint_every=6", "keep_checkpoints=3"]
-
-
-@pytest.fixture(scope="module")
-def clean_run(corpus, tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("clean_run")
-    run_train(config(corpus, tokenizer_dir, out, *INTERRUPTED))
-    return metrics(out)
-
-
 def assert_same_curve(resumed: list[dict], reference: list[dict]) -> None:
-    assert [r["step"] for r in resumed] == list(range(1, 25))
+    assert [r["step"] for r in resumed] == list(range(1, 41))
     for a, b in zip(resumed, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), a["step"]
         assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"])
+        assert a.get("eval_loss") == pytest.approx(b.get("eval_loss"), rel=1e-4), a["step"]
 
 
 @pytest.mark.timeout(900)
 def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "miniplm.cli", "train"]
-    for o in config_overrides(corpus, tokenizer_dir, out) + INTERRUPTED:
+    for o in config_overrides(corpus, tokenizer_dir, out) + run_settings(corpus):
         args += ["--set", o]
     env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, so the kill takes all of it
     proc = subprocess.Popen(args, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_checkpoint(out, "step-00000006", alive=lambda: proc.poll() is None)
+    wait_for_checkpoint(out, "step-00000010", alive=lambda: proc.poll() is None)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver and the Ray it started
     proc.wait()
     assert not (out / "final").exists()
 
-    run_train(config(corpus, tokenizer_dir, out, *INTERRUPTED))
+    run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus)))
     resumed = metrics(out)
-    assert resumed[6]["resumed_from"] >= 6
-    assert_same_curve(resumed, clean_run)
+    assert resumed[10]["resumed_from"] >= 10
+    assert_same_curve(resumed, metrics(clean_run))
 
 
 def train_worker_pids() -> set[int]:
@@ -147,7 +147,7 @@ def train_worker_pids() -> set[int]:
 def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokenizer_dir, clean_run,
                                                                  tmp_path):
     out = tmp_path / "worker_killed"
-    cfg = config(corpus, tokenizer_dir, out, *INTERRUPTED, "max_failures=1")
+    cfg = config(corpus, tokenizer_dir, out, *run_settings(corpus), "max_failures=1")
     outcome: dict = {}
 
     def train():
@@ -158,7 +158,7 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
 
     thread = threading.Thread(target=train)
     thread.start()
-    wait_for_checkpoint(out, "step-00000006", alive=thread.is_alive)
+    wait_for_checkpoint(out, "step-00000010", alive=thread.is_alive)
     (pid,) = train_worker_pids()
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
@@ -166,9 +166,9 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
     assert (out / "final" / "config.json").exists()
     rows = metrics(out)
     restored = [r for r in rows if "resumed_from" in r]
-    assert len(restored) == 1 and restored[0]["resumed_from"] >= 6  # from a checkpoint, not step 0
+    assert len(restored) == 1 and restored[0]["resumed_from"] >= 10  # from a checkpoint, not step 0
     assert pid not in train_worker_pids()
-    assert_same_curve(rows, clean_run)
+    assert_same_curve(rows, metrics(clean_run))
 
 
 def config_overrides(corpus, tokenizer_dir, output) -> list[str]:
