@@ -7,6 +7,7 @@ import importlib
 import inspect
 import json
 import pathlib
+import socket
 
 import pytest
 
@@ -39,6 +40,27 @@ def documents() -> list[str]:
             if isinstance(doc, str) and len(doc) > 80 and getattr(obj, "__module__", None) == name:
                 docs.append(inspect.cleandoc(doc))
     return docs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_worker_pids(title: str) -> set[int]:
+    """PIDs of this session's Ray workers whose process title names `title` (Ray titles an
+    actor's process after its class); the in-process Ray's processes all descend from this one."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if title in " ".join(proc.cmdline()):
+                pids.add(proc.pid)
+        except psutil.Error:  # exited while we looked
+            pass
+    return pids
 
 
 def write_jsonl(path: pathlib.Path, records: list) -> pathlib.Path:

@@ -6,7 +6,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,18 +14,12 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from conftest import free_port, write_jsonl
 
 from miniplm import io
 from miniplm.prepare import PrepareConfig, run_prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import ray_worker_pids, save_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from miniplm import io
@@ -181,25 +181,8 @@ def test_bad_arguments_fail_before_work(instances, tmp_path):
         run_score(ScoreConfig(instances=str(tmp_path), model=str(tmp_path), output=str(tmp_path / "o")))
 
 
-def scoring_actor_pids() -> set[int]:
-    """PIDs of this session's scoring actors: Ray runs each actor in a worker process titled
-    after its class, and the in-process Ray's processes all descend from this one."""
-    import psutil
-
-    pids = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "ScoreActor" in " ".join(proc.cmdline()):
-                pids.add(proc.pid)
-        except psutil.Error:  # exited while we looked
-            pass
-    return pids
-
-
 @pytest.mark.timeout(600)
 def test_killed_scoring_actor_is_replaced_and_the_table_is_complete(instances, tokenizer_dir, tmp_path):
-    from conftest import save_tiny_model
-
     # a model slow enough on CPU that parts are still being scored when the actor dies
     model_dir = save_tiny_model("llama", tokenizer_dir, tmp_path / "model", hidden=256, layers=6)
     clean = score(instances, model_dir, tmp_path / "clean")
@@ -207,7 +190,7 @@ def test_killed_scoring_actor_is_replaced_and_the_table_is_complete(instances, t
     killed, seen_after = [], set()
 
     def kill_the_actor_once(name):
-        pids = scoring_actor_pids()
+        pids = ray_worker_pids("ScoreActor")
         if not killed:
             assert len(pids) == 1, pids
             killed.append(pids.pop())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +16,7 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import save_tiny_model, write_jsonl
+from conftest import free_port, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 from miniplm import io
@@ -29,12 +29,6 @@ from miniplm.train import TrainConfig, run_train
 BUCKET = "miniplm"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +142,10 @@ def test_pipeline_on_s3_equals_local_disk(s3, documents, tokenizer_dir, llama_di
         s3_losses = [json.loads(line)["loss"] for line in f]
     assert len(local_losses) == 4 and s3_losses == pytest.approx(local_losses, rel=1e-5)
     assert fs.exists(f"{BUCKET}/run/ray") and fs.glob(f"{BUCKET}/run/ray/step-*")  # checkpoints on s3
+    cache = env["MINIPLM_CACHE"]  # remote checkpoints were downloaded once, into the cache
+    assert {p.parent.name for p in pathlib.Path(cache).glob("remote/*/*/config.json")} == \
+        {"teacher", "reference"}
+    assert not os.path.exists("s3:")  # no URL was mistaken for a local path
     fs.get(f"{BUCKET}/run/final/", str(tmp_path / "s3_final") + "/", recursive=True)
     ours = load_file(loc / "run" / "final" / "model.safetensors")
     theirs = load_file(tmp_path / "s3_final" / "model.safetensors")

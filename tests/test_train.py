@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from conftest import ray_worker_pids, write_jsonl
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from miniplm.config import load
@@ -22,8 +23,6 @@ from miniplm.train import TrainConfig, run_train
 
 @pytest.fixture(scope="module")
 def corpus(documents, tmp_path_factory, ray_session):
-    from conftest import write_jsonl
-
     root = tmp_path_factory.mktemp("train_corpus")
     write_jsonl(root / "raw" / "a.jsonl", [{"text": d} for d in documents[0::2]])
     write_jsonl(root / "raw" / "b.jsonl", [{"text": d} for d in documents[1::2]])
@@ -129,20 +128,6 @@ def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, 
     assert_same_curve(resumed, metrics(clean_run))
 
 
-def train_worker_pids() -> set[int]:
-    """PIDs of this session's Ray Train workers (processes titled after the actor class)."""
-    import psutil
-
-    pids = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                pids.add(proc.pid)
-        except psutil.Error:
-            pass
-    return pids
-
-
 @pytest.mark.timeout(900)
 def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokenizer_dir, clean_run,
                                                                  tmp_path):
@@ -159,7 +144,7 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
     thread = threading.Thread(target=train)
     thread.start()
     wait_for_checkpoint(out, "step-00000010", alive=thread.is_alive)
-    (pid,) = train_worker_pids()
+    (pid,) = ray_worker_pids("RayTrainWorker")
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
@@ -167,7 +152,7 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
     rows = metrics(out)
     restored = [r for r in rows if "resumed_from" in r]
     assert len(restored) == 1 and restored[0]["resumed_from"] >= 10  # from a checkpoint, not step 0
-    assert pid not in train_worker_pids()
+    assert pid not in ray_worker_pids("RayTrainWorker")
     assert_same_curve(rows, metrics(clean_run))
 
 
