@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import pathlib
 import socket
 
@@ -14,6 +15,11 @@ import pytest
 STDLIB_MODULES = ["json", "argparse", "collections", "functools", "itertools", "pathlib",
                   "subprocess", "threading", "logging", "unittest", "typing", "dataclasses",
                   "asyncio", "csv", "email", "http.client", "inspect", "re", "string", "textwrap"]
+
+
+# Ray Train's controller polls its workers every 2 s by default; tests run a dozen short fits,
+# each of which waits for a few polls. Set before any Ray starts, so subprocesses inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

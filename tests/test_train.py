@@ -108,6 +108,14 @@ def assert_same_curve(resumed: list[dict], reference: list[dict]) -> None:
         assert a.get("eval_loss") == pytest.approx(b.get("eval_loss"), rel=1e-4), a["step"]
 
 
+def assert_restored_once(rows: list[dict], at_least: int) -> None:
+    """One restore, from a checkpoint (not step 0), marked on the first step it re-did."""
+    restored = [r for r in rows if "resumed_from" in r]
+    assert len(restored) == 1, restored
+    assert restored[0]["resumed_from"] >= at_least
+    assert restored[0]["step"] == restored[0]["resumed_from"] + 1
+
+
 @pytest.mark.timeout(900)
 def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, tmp_path):
     out = tmp_path / "killed"
@@ -124,7 +132,7 @@ def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, 
 
     run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus)))
     resumed = metrics(out)
-    assert resumed[10]["resumed_from"] >= 10
+    assert_restored_once(resumed, at_least=10)
     assert_same_curve(resumed, metrics(clean_run))
 
 
@@ -150,8 +158,7 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
     assert "error" not in outcome, outcome.get("error")
     assert (out / "final" / "config.json").exists()
     rows = metrics(out)
-    restored = [r for r in rows if "resumed_from" in r]
-    assert len(restored) == 1 and restored[0]["resumed_from"] >= 10  # from a checkpoint, not step 0
+    assert_restored_once(rows, at_least=10)
     assert pid not in ray_worker_pids("RayTrainWorker")
     assert_same_curve(rows, metrics(clean_run))
 
