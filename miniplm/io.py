@@ -162,15 +162,15 @@ def local_copy(url: str) -> str:
     files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
     if not files:
         raise FileNotFoundError(f"{url}: nothing there to download")
-    listing = sorted((name, info.get("size"), str(info.get("ETag") or info.get("mtime") or ""))
-                     for name, info in files.items())
+    listing = sorted((name, info.get("size"), str(_version_tag(info))) for name, info in files.items())
     target = os.path.join(cache_dir(), "remote", hash_json([url, listing]), posixpath.basename(path))
     if os.path.exists(target):
         return target
     staging = f"{os.path.dirname(target)}.{uuid.uuid4().hex}.partial"
     for name in files:
-        relative = posixpath.relpath(name, path) if name != path else ""
-        dest = os.path.join(staging, posixpath.basename(path), relative)
+        dest = os.path.join(staging, posixpath.basename(path))
+        if name != path:  # a file inside the folder
+            dest = os.path.join(dest, posixpath.relpath(name, path))
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         fs.get_file(name, dest)
     try:
@@ -178,6 +178,14 @@ def local_copy(url: str) -> str:
     except OSError:  # another process finished first: theirs is identical
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _version_tag(info: dict):
+    """What changes when an object is rewritten, in the spellings fsspec backends use."""
+    for key in ("ETag", "etag", "md5Hash", "LastModified", "mtime", "updated", "created"):
+        if info.get(key):
+            return info[key]
+    return ""
 
 
 def upload_dir(local: str, url: str) -> None:

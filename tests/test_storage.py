@@ -152,3 +152,22 @@ def test_pipeline_on_s3_equals_local_disk(s3, documents, tokenizer_dir, llama_di
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert (ours[k] - theirs[k]).abs().max() < 1e-4, k
+
+
+def test_remote_checkpoints_download_once_and_again_when_changed(tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("MINIPLM_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")  # a non-local fsspec filesystem, like s3:// to our code
+    fs.pipe("/ckpt/config.json", b'{"v": 1}')
+    fs.pipe("/ckpt/shards/model.bin", b"weights")
+
+    folder = io.local_copy("memory://ckpt")
+    assert (pathlib.Path(folder) / "shards" / "model.bin").read_bytes() == b"weights"
+    assert io.local_copy("memory://ckpt") == folder  # cached: not downloaded again
+    single = io.local_copy("memory://ckpt/config.json")
+    assert pathlib.Path(single).read_bytes() == b'{"v": 1}'
+
+    fs.pipe("/ckpt/shards/model.bin", b"new weights")  # rewritten in place: a new size
+    changed = io.local_copy("memory://ckpt")
+    assert changed != folder and (pathlib.Path(changed) / "shards" / "model.bin").read_bytes() == b"new weights"
