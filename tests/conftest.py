@@ -69,6 +69,21 @@ def ray_worker_pids(title: str) -> set[int]:
     return pids
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process it started, as a machine failure would. Ray's
+    workers run in process groups of their own, so killing the driver's group misses them."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [*root.children(recursive=True), root]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=60)
+
+
 def write_jsonl(path: pathlib.Path, records: list) -> pathlib.Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

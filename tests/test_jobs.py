@@ -14,7 +14,7 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port, write_jsonl
+from conftest import free_port, kill_tree, write_jsonl
 
 from miniplm import io
 from miniplm.prepare import PrepareConfig, run_prepare
@@ -51,11 +51,11 @@ def ray_head():
                 pytest.fail("ray start --head did not come up")
             time.sleep(0.5)
     yield url, env
-    os.killpg(head.pid, signal.SIGTERM)  # every process `ray start` made is in its group
+    os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=5)
     except subprocess.TimeoutExpired:  # its graceful stop waits ~30 s on agents; nothing to keep
-        os.killpg(head.pid, signal.SIGKILL)
+        kill_tree(head.pid)  # the head's daemons and their workers (own process groups)
         head.wait(timeout=60)
     shutil.rmtree(temp_dir, ignore_errors=True)
 

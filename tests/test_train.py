@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import ray_worker_pids, write_jsonl
+from conftest import kill_tree, ray_worker_pids, write_jsonl
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from miniplm.config import load
@@ -43,9 +43,14 @@ def metrics(output) -> list[dict]:
 
 
 def run_settings(corpus) -> list[str]:
-    """The run every training test shares: uninterrupted once (`clean_run`), and killed twice."""
-    return ["steps=40", "checkpoint_every=10", "keep_checkpoints=3",
-            f"eval.data={corpus}", "eval.every=10", "eval.max_sequences=16"]
+    """The run every training test shares: uninterrupted once (`clean_run`), and killed twice.
+    Killed at the first registered checkpoint (step 20), it still has 140 steps (~4 s) to go,
+    so the kill lands mid-run; 160 steps also cross a pass over the corpus (1,062 sequences)."""
+    return [f"steps={STEPS}", "checkpoint_every=20", "keep_checkpoints=3",
+            f"eval.data={corpus}", "eval.every=20", "eval.max_sequences=16"]
+
+
+STEPS = 160
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +64,13 @@ def clean_run(corpus, tokenizer_dir, tmp_path_factory):
 def test_loss_drops_and_final_checkpoint_scores(corpus, clean_run, tmp_path):
     out = clean_run
     rows = metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
     assert first > 5.5  # ~ln(vocab) at init
-    assert last < first - 0.8, (first, last)  # ~6.2 -> ~5.2 nats in 40 steps
-    assert rows[-1]["tokens"] == 40 * 512
+    assert last < first - 0.8, (first, last)  # ~6.2 at init
+    assert rows[-1]["tokens"] == STEPS * 512 and rows[-1]["passes"] == 1
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
-    assert rows[19]["eval_loss"] > rows[39]["eval_loss"]
+    assert rows[19]["eval_loss"] > rows[-1]["eval_loss"]
     assert rows[10]["lr"] > rows[-1]["lr"] >= 3e-3 * 0.1 - 1e-12  # cosine to the floor
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -101,7 +106,7 @@ def wait_for_checkpoint(out, name: str, alive, timeout: float = 400) -> None:
 
 
 def assert_same_curve(resumed: list[dict], reference: list[dict]) -> None:
-    assert [r["step"] for r in resumed] == list(range(1, 41))
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(resumed, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), a["step"]
         assert a["tokens"] == b["tokens"] and a["lr"] == pytest.approx(b["lr"])
@@ -123,16 +128,15 @@ def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, 
     for o in config_overrides(corpus, tokenizer_dir, out) + run_settings(corpus):
         args += ["--set", o]
     env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, so the kill takes all of it
-    proc = subprocess.Popen(args, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_checkpoint(out, "step-00000010", alive=lambda: proc.poll() is None)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole run: driver and the Ray it started
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(out, "step-00000020", alive=lambda: proc.poll() is None)
+    kill_tree(proc.pid)  # the whole run: driver, the Ray it started and its workers
     proc.wait()
     assert not (out / "final").exists()
 
     run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus)))
     resumed = metrics(out)
-    assert_restored_once(resumed, at_least=10)
+    assert_restored_once(resumed, at_least=20)
     assert_same_curve(resumed, metrics(clean_run))
 
 
@@ -151,14 +155,14 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
 
     thread = threading.Thread(target=train)
     thread.start()
-    wait_for_checkpoint(out, "step-00000010", alive=thread.is_alive)
+    wait_for_checkpoint(out, "step-00000020", alive=thread.is_alive)
     (pid,) = ray_worker_pids("RayTrainWorker")
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     assert (out / "final" / "config.json").exists()
     rows = metrics(out)
-    assert_restored_once(rows, at_least=10)
+    assert_restored_once(rows, at_least=20)
     assert pid not in ray_worker_pids("RayTrainWorker")
     assert_same_curve(rows, metrics(clean_run))
 
