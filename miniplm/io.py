@@ -167,12 +167,12 @@ def local_copy(url: str) -> str:
     if os.path.exists(target):
         return target
     staging = f"{os.path.dirname(target)}.{uuid.uuid4().hex}.partial"
-    for name in files:
-        dest = os.path.join(staging, posixpath.basename(path))
-        if name != path:  # a file inside the folder
-            dest = os.path.join(dest, posixpath.relpath(name, path))
+    root = os.path.join(staging, posixpath.basename(path))
+    sources = sorted(files)  # a single file lands as `root`, a folder's files under it
+    dests = [root if name == path else os.path.join(root, posixpath.relpath(name, path)) for name in sources]
+    for dest in dests:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        fs.get_file(name, dest)
+    fs.get(sources, dests)  # one call: async stores (s3fs, gcsfs) fetch the shards concurrently
     try:
         os.rename(staging, os.path.dirname(target))
     except OSError:  # another process finished first: theirs is identical
@@ -191,12 +191,7 @@ def _version_tag(info: dict):
 def upload_dir(local: str, url: str) -> None:
     """Copy a local folder's files to `url` (a local folder or an object-store prefix)."""
     fs, path = url_to_fs(url)
-    for parent, _, names in os.walk(local):
-        for name in names:
-            relative = os.path.relpath(os.path.join(parent, name), local).replace(os.sep, "/")
-            dest = posixpath.join(path, relative)
-            fs.makedirs(posixpath.dirname(dest), exist_ok=True)
-            fs.put_file(os.path.join(parent, name), dest)
+    fs.put(local.rstrip("/") + "/", path, recursive=True)  # trailing slash: the contents, not the folder
 
 
 def remove_dir(root: str) -> None:

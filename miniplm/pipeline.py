@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from miniplm import io
 from miniplm.config import describe, field, to_dict
-from miniplm.train import PRESETS
+from miniplm.train import PRESETS, is_tokenizer_dir
 
 CORPUS_KINDS = ("refined", "random", "full")
 
@@ -120,7 +120,7 @@ class PipelineConfig:
                 _check_preset(f"students[{i}].preset", s.preset)
             if s.tokens <= 0:
                 raise ValueError(f"students[{i}].tokens: the budget must be > 0")
-        if self.tokenizer and not io.exists(io.join(self.tokenizer, "tokenizer_config.json")):
+        if self.tokenizer and not is_tokenizer_dir(self.tokenizer):
             raise ValueError(f"tokenizer: no tokenizer folder at {self.tokenizer}")
 
 

@@ -143,10 +143,15 @@ class TrainConfig:
 # ---------------------------------------------------------------- model
 
 
+def is_tokenizer_dir(path: str) -> bool:
+    """A folder written by a tokenizer's save_pretrained (local or URL)."""
+    return io.exists(io.join(path, "tokenizer_config.json"))
+
+
 def load_tokenizer_checked(path: str):
     from miniplm.score import load_tokenizer
 
-    if not io.exists(io.join(path, "tokenizer_config.json")):
+    if not is_tokenizer_dir(path):
         raise ValueError(f"model.tokenizer: no tokenizer folder (tokenizer_config.json) at {path}")
     tok = load_tokenizer(path)
     if tok.eos_token_id is None:
