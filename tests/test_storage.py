@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 
+import fsspec
 import pyarrow.parquet as pq
 import pytest
 from conftest import free_port, save_tiny_model, write_jsonl
@@ -77,7 +78,8 @@ def cli(env, *commands: list[str]) -> None:
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
-def read_s3_parts(fs, root: str):
+def read_parts(fs, root) -> list:
+    """A stage folder's parts in manifest order, through `fs` (local disk or the S3 client)."""
     with fs.open(f"{root}/{io.MANIFEST}") as f:
         manifest = json.load(f)
     tables = []
@@ -87,9 +89,9 @@ def read_s3_parts(fs, root: str):
     return tables
 
 
-def read_local_parts(root):
-    manifest = io.read_json(io.join(str(root), io.MANIFEST))
-    return [pq.read_table(os.path.join(root, p["name"])) for p in manifest["parts"]]
+def read_losses(fs, run) -> list[float]:
+    with fs.open(f"{run}/metrics.jsonl") as f:
+        return [json.loads(line)["loss"] for line in f]
 
 
 TRAIN = ["model.preset=tiny", "data.seq_len=64", "micro_batch=4", "batch_tokens=256", "steps=4",
@@ -131,15 +133,13 @@ def test_pipeline_on_s3_equals_local_disk(s3, documents, tokenizer_dir, llama_di
         ["train", *[a for s in sets for a in ("--set", s)]])
 
     # identical instances, score tables, refined corpus, loss curve and final weights
+    disk = fsspec.filesystem("file")
     for local, remote in [("inst", "inst"), ("teacher", "scores/teacher"), ("reference", "scores/reference"),
                           ("refined", "refined")]:
-        ours, theirs = read_local_parts(loc / local), read_s3_parts(fs, f"{BUCKET}/{remote}")
+        ours, theirs = read_parts(disk, loc / local), read_parts(fs, f"{BUCKET}/{remote}")
         assert len(ours) == len(theirs) > 0, local
         assert all(a.equals(b) for a, b in zip(ours, theirs)), local  # data, not provenance metadata
-    with open(loc / "run" / "metrics.jsonl") as f:
-        local_losses = [json.loads(line)["loss"] for line in f]
-    with fs.open(f"{BUCKET}/run/metrics.jsonl") as f:
-        s3_losses = [json.loads(line)["loss"] for line in f]
+    local_losses, s3_losses = read_losses(disk, loc / "run"), read_losses(fs, f"{BUCKET}/run")
     assert len(local_losses) == 4 and s3_losses == pytest.approx(local_losses, rel=1e-5)
     assert fs.exists(f"{BUCKET}/run/ray") and fs.glob(f"{BUCKET}/run/ray/step-*")  # checkpoints on s3
     cache = env["MINIPLM_CACHE"]  # remote checkpoints were downloaded once, into the cache
@@ -155,8 +155,6 @@ def test_pipeline_on_s3_equals_local_disk(s3, documents, tokenizer_dir, llama_di
 
 
 def test_remote_checkpoints_download_once_and_again_when_changed(tmp_path, monkeypatch):
-    import fsspec
-
     monkeypatch.setenv("MINIPLM_CACHE", str(tmp_path / "cache"))
     fs = fsspec.filesystem("memory")  # a non-local fsspec filesystem, like s3:// to our code
     fs.pipe("/ckpt/config.json", b'{"v": 1}')
