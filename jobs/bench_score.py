@@ -110,7 +110,7 @@ def run_score_stage(args, workdir: pathlib.Path) -> dict:
 def load(args):
     import torch
 
-    from miniplm.score import load_model, load_tokenizer
+    from miniplm.models import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device, dtype="auto")

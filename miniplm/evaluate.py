@@ -35,7 +35,8 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from miniplm.score import ScoreConfig, read_instances_manifest, run_score
+    from miniplm.io import read_instances_manifest
+    from miniplm.score import ScoreConfig, run_score
 
     print(describe(cfg), flush=True)
     instances = read_instances_manifest(cfg.data)
@@ -66,7 +67,7 @@ def _stale(scores_dir: str, model: str) -> bool:
     job = io.join(scores_dir, io.JOB)
     if not io.exists(job):
         return False
-    from miniplm.score import model_fingerprint
+    from miniplm.models import model_fingerprint
 
     return io.read_json(job).get("model_fingerprint") != model_fingerprint(model)
 

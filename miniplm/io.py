@@ -224,6 +224,17 @@ def claim_output(root: str, job: dict, *, overwrite: bool, what: str) -> bool:
     return False
 
 
+def read_instances_manifest(root: str) -> dict:
+    url = join(root, MANIFEST)
+    if not exists(url):
+        raise FileNotFoundError(f"{root}: no {MANIFEST}; is it an instances dataset written by "
+                                "`miniplm prepare` or `miniplm select`?")
+    manifest = read_json(url)
+    if "fingerprint" not in manifest or "parts" not in manifest:
+        raise ValueError(f"{url}: not an instances manifest (no fingerprint/parts)")
+    return manifest
+
+
 # ---------------------------------------------------------------- fingerprints
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from miniplm import io
 from miniplm.config import describe, field, to_dict
-from miniplm.train import PRESETS, is_tokenizer_dir
+from miniplm.models import PRESETS, is_tokenizer_dir
 
 CORPUS_KINDS = ("refined", "random", "full")
 
@@ -161,8 +161,8 @@ def _mtime(path: str) -> float | None:
 
 def split_instances(src: str, fraction: float, seed: int, inside: str, outside: str) -> None:
     """Split an instances dataset by a seeded hash of the id: `inside` gets ~fraction."""
-    from miniplm.score import read_instances_manifest
-    from miniplm.train import in_subset
+    from miniplm.io import read_instances_manifest
+    from miniplm.tokens import in_subset
 
     manifest = read_instances_manifest(src)
     job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed}
@@ -290,7 +290,7 @@ def _train(train_cfg):
 def _eval_once(eval_cfg):
     """Evaluate unless this checkpoint's eval.json is already there."""
     from miniplm.evaluate import run_eval
-    from miniplm.score import model_fingerprint
+    from miniplm.models import model_fingerprint
 
     if os.path.exists(eval_cfg.output):
         previous = io.read_json(eval_cfg.output)

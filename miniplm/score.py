@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import posixpath
 import time
 from typing import Callable
@@ -22,13 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from miniplm import __version__, io
 from miniplm.config import describe, field, to_dict
+from miniplm.io import read_instances_manifest
+from miniplm.models import (DTYPES, check_model_dir, load_model, load_tokenizer, model_fingerprint,
+                            resolve_dtype, tokenizer_fingerprint)
 
 SCORE_SCHEMA = pa.schema([("id", pa.string()), ("n_tokens", pa.int64()), ("logprob", pa.float64())])
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -57,63 +57,6 @@ class ScoreConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-
-
-# ---------------------------------------------------------------- loading
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """Cached per worker process: Ray reuses workers, so each loads the tokenizer once."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(io.local_copy(path), trust_remote_code=trust_remote_code)
-    tok.model_max_length = 1 << 62  # we window long texts ourselves; silence the length warning
-    return tok
-
-
-def load_model(path: str, *, device: str, dtype: str, trust_remote_code: bool = False):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = getattr(torch, resolve_dtype(dtype, device))
-    model = AutoModelForCausalLM.from_pretrained(io.local_copy(path), dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device == "cuda" else "float32"
-
-
-def check_model_dir(path: str) -> None:
-    if not io.exists(io.join(path, "config.json")):
-        raise FileNotFoundError(f"--model {path}: no config.json there; expected a folder "
-                                "written by save_pretrained (model + tokenizer)")
-
-
-def model_fingerprint(path: str) -> str:
-    """Config + weights content: the same checkpoint copied elsewhere keeps its fingerprint."""
-    fs, root = url_to_fs(path)
-    weights = sorted(p for p in fs.ls(root, detail=False)
-                     if p.endswith((".safetensors", ".bin", ".pt")) and "training_args" not in p)
-    if not weights:
-        raise FileNotFoundError(f"--model {path}: no weight files (*.safetensors, *.bin)")
-    return io.hash_files([fs.unstrip_protocol(p) for p in (posixpath.join(root, "config.json"), *weights)])
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """What the tokenizer does (vocabulary, merges, normalisation, special tokens), not where it
-    lives: two checkpoints sharing a tokenizer agree, so per-token scores are comparable."""
-    import json
-
-    from miniplm.logprob import prefix_token_id
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else sorted(tokenizer.get_vocab().items())
-    return io.hash_json({"tokenizer": spec, "prefix": prefix_token_id(tokenizer)})
 
 
 # ---------------------------------------------------------------- Ray Data steps
@@ -234,17 +177,6 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     manifest = _finish(cfg, provenance, expected, time.time() - started)
     print(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
           f"token {manifest['mean_logprob_per_token']:.4f}, in {manifest['seconds']:.1f}s -> {cfg.output}")
-    return manifest
-
-
-def read_instances_manifest(root: str) -> dict:
-    url = io.join(root, io.MANIFEST)
-    if not io.exists(url):
-        raise FileNotFoundError(f"{root}: no {io.MANIFEST}; is it an instances dataset written by "
-                                "`miniplm prepare` or `miniplm select`?")
-    manifest = io.read_json(url)
-    if "fingerprint" not in manifest or "parts" not in manifest:
-        raise ValueError(f"{url}: not an instances manifest (no fingerprint/parts)")
     return manifest
 
 

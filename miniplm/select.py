@@ -185,7 +185,7 @@ def choose(key: np.ndarray, ids: np.ndarray, tokens: np.ndarray, cfg: SelectConf
 
 def run_select(cfg: SelectConfig) -> dict:
     """Run the select stage; returns its manifest (or, with dry_run, the report)."""
-    from miniplm.score import read_instances_manifest
+    from miniplm.io import read_instances_manifest
 
     print(describe(cfg), flush=True)
     started = time.time()

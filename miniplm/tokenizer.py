@@ -29,7 +29,7 @@ class TokenizerConfig:
 
 
 def iter_texts(root: str, limit: int | None = None) -> Iterator[str]:
-    from miniplm.score import read_instances_manifest
+    from miniplm.io import read_instances_manifest
 
     n = 0
     for part in read_instances_manifest(root)["parts"]:

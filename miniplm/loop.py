@@ -1,0 +1,265 @@
+"""The training loop every Ray Train worker runs: AdamW with warmup + cosine, gradient
+accumulation and clipping, bf16 autocast on GPU, periodic held-out loss, checkpoints through
+Ray Train (restored on a re-run or after a lost worker) and one metrics line per step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import fsspec
+
+from miniplm import io
+from miniplm.models import count_params, load_tokenizer
+from miniplm.tokens import read_sequences
+from miniplm.train import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, cfg.total_steps - o.warmup_steps)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def measure_peak_flops(device) -> float:
+    """Achievable dense matmul FLOP/s on this worker (fp32 on CPU, bf16 on GPU): MFU's denominator."""
+    import torch
+
+    dtype, n = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- the loop (runs on every worker)
+
+
+def train_loop(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from miniplm.config import build
+
+    cfg: TrainConfig = build(TrainConfig, loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    hf_config = loop_config["hf_config"]
+    model = AutoModelForCausalLM.from_config(hf_config).to(device)
+    n_params = count_params(model)
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    raw_model = model.module if hasattr(model, "module") else model
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
+    checkpoint = ray.train.get_checkpoint()  # set on a re-run and after a worker failure
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
+        raw_model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        torch.set_rng_state(saved["rng"])
+    if rank == 0:
+        metrics = MetricsLog(io.join(cfg.output, "metrics.jsonl"), resume_step=state["step"])
+        if checkpoint:
+            print(f"train: resumed from step {state['step']} ({state['tokens']} tokens)", flush=True)
+
+    eval_seqs = None
+    if loop_config.get("eval_cache") and rank == 0:
+        root, manifest = loop_config["eval_cache"]
+        eval_seqs = torch.from_numpy(read_sequences(root, manifest, cfg.eval.max_sequences))
+    peak = cfg.peak_flops or measure_peak_flops(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+
+    resumed_from = state["step"]
+    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state)
+    seq_tokens = cfg.micro_batch * cfg.data.seq_len
+    bar = _progress(rank, cfg.total_steps, state["step"])
+    last_time = time.perf_counter()
+    for step in range(state["step"], cfg.total_steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x = next(batches).to(device)  # (B, T)
+            sync = micro == cfg.grad_accum - 1 or world == 1
+            with (_null() if sync else model.no_sync()), autocast:
+                loss = model(input_ids=x, labels=x).loss
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.optim.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] = step + 1
+        state["tokens"] += seq_tokens * cfg.grad_accum * world
+        loss_avg = loss_sum / cfg.grad_accum
+        if world > 1:
+            torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.AVG)
+
+        now = time.perf_counter()
+        dt, last_time = now - last_time, now
+        tokens_per_s = seq_tokens * cfg.grad_accum * world / dt
+        row = {"step": state["step"], "tokens": state["tokens"], "flops": 6 * n_params * state["tokens"],
+               "loss": round(loss_avg.item(), 6),
+               "lr": lr_at(step, cfg), "grad_norm": round(float(grad_norm), 6),
+               "tokens_per_s": round(tokens_per_s, 1), "passes": state["epoch"],
+               "mfu": round(6 * n_params * tokens_per_s / (peak * world), 5)}
+        last = state["step"] == cfg.total_steps
+        if checkpoint and step == resumed_from:  # where a restore happened, for whoever reads the log
+            row["resumed_from"] = resumed_from
+        if eval_seqs is not None and (last or (cfg.eval.every and state["step"] % cfg.eval.every == 0)):
+            row["eval_loss"] = round(eval_loss(raw_model, eval_seqs, cfg.micro_batch, device), 6)
+        checkpoint_now = state["step"] % cfg.checkpoint_every == 0 or last
+        if checkpoint_now and world > 1:  # DDP health: every replica must hold the same weights
+            row["replica_param_sums"] = replica_param_sums(raw_model, world)
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            noteworthy = last or checkpoint_now or row.keys() & {"eval_loss", "resumed_from"}
+            if state["step"] % cfg.log_every == 0 or noteworthy:
+                metrics.append(row)
+        if checkpoint_now:
+            if rank == 0:
+                metrics.flush()
+            save_checkpoint(raw_model, opt, state, rank, row)
+    if rank == 0:
+        bar.close()
+        metrics.flush()
+        save_final(raw_model, cfg)
+
+
+def save_final(model, cfg: TrainConfig) -> None:
+    """The trained model + its tokenizer as a standard HF checkpoint in OUTPUT/final."""
+    final = io.join(cfg.output, "final")
+    with tempfile.TemporaryDirectory() as d, io.writing(final):
+        target = io.local_path(final) if io.is_local(final) else d
+        model.save_pretrained(target)
+        load_tokenizer(cfg.model.tokenizer).save_pretrained(target)
+        if target == d:
+            io.upload_dir(d, final)
+
+
+def micro_batches(shard, cfg: TrainConfig, state: dict):
+    """Endless micro-batches of (B, T) token ids: passes over the corpus repeat, and a resumed
+    run skips what the checkpointed run already consumed in the current pass."""
+    import torch
+
+    skip = state["batches_in_epoch"]
+    while True:
+        n = 0
+        for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True,
+                                              dtypes=torch.long):
+            n += 1
+            if n <= skip:
+                continue
+            state["batches_in_epoch"] = n
+            yield batch["input_ids"]
+        if n == 0:
+            raise RuntimeError("train: this worker's share of the corpus holds less than one micro-batch")
+        skip = 0
+        state["epoch"] += 1
+        state["batches_in_epoch"] = 0
+
+
+def replica_param_sums(model, world: int) -> list[float]:
+    import torch
+
+    local = float(sum(p.detach().double().sum() for p in model.parameters()))
+    sums = [None] * world
+    torch.distributed.all_gather_object(sums, local)
+    return sums
+
+
+def eval_loss(model, seqs, micro_batch: int, device) -> float:
+    import torch
+
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(seqs), micro_batch):
+            x = seqs[i:i + micro_batch].to(device)
+            total += model(input_ids=x, labels=x).loss.item() * len(x)
+            n += len(x)
+    model.train()
+    return total / n
+
+
+def save_checkpoint(model, opt, state: dict, rank: int, metrics: dict) -> None:
+    """Rank 0 writes the state; every rank reports (ray.train.report is a barrier)."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
+                        "rng": torch.get_rng_state()}, os.path.join(d, "state.pt"))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{state['step']:08d}")
+
+
+class MetricsLog:
+    """OUTPUT/metrics.jsonl, one JSON line per logged step. A resumed run re-does the steps after
+    its checkpoint, so their lines are dropped first. Local files are appended line by line;
+    object stores cannot append, so there the file is rewritten at every checkpoint and at the end."""
+
+    def __init__(self, url: str, resume_step: int):
+        self.url, self.local = url, io.is_local(url)
+        self.lines: list[str] = []
+        if io.exists(url):
+            with fsspec.open(url, "r") as f:
+                self.lines = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        self._rewrite()
+
+    def append(self, row: dict) -> None:
+        line = json.dumps(row) + "\n"
+        self.lines.append(line)
+        if self.local:
+            with io.writing(self.url), fsspec.open(self.url, "a") as f:
+                f.write(line)
+
+    def flush(self) -> None:
+        if not self.local:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        io.write_bytes(self.url, "".join(self.lines).encode())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(rank: int, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=rank != 0)

@@ -1,0 +1,152 @@
+"""Models and tokenizers: named presets, building an HF config for training, loading a
+checkpoint for scoring, and the fingerprints that say what a model or tokenizer is (so a
+score table, a token cache or a refined corpus knows exactly what made it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import posixpath
+
+from fsspec.core import url_to_fs
+
+from miniplm import io
+from miniplm.config import field
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# preset -> (model_type, config kwargs, context). Paper students (MiniPLM, Qwen family):
+# 200M / 500M / 1.2B; llama-small and mamba-small are for KD across model families.
+PRESETS: dict[str, tuple[str, dict, int]] = {
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4), 1024),
+    "mini": ("llama", dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=4), 1024),
+    "small": ("llama", dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                            num_attention_heads=4, num_key_value_heads=4), 1024),
+    "qwen-200m": ("qwen2", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                num_attention_heads=12, num_key_value_heads=12), 2048),
+    "qwen-500m": ("qwen2", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, num_key_value_heads=16), 2048),
+    "qwen-1.2b": ("qwen2", dict(hidden_size=1536, intermediate_size=6144, num_hidden_layers=28,
+                                num_attention_heads=16, num_key_value_heads=16), 2048),
+    "llama-small": ("llama", dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                  num_attention_heads=8, num_key_value_heads=8), 2048),
+    "mamba-small": ("mamba", dict(hidden_size=256, num_hidden_layers=8, state_size=16), 1 << 20),
+}
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelSpec:
+    preset: str | None = field("tiny", help="named model shape (see PRESETS); or give `config`")
+    config: str | None = field(None, help="HF config.json (or its folder) instead of a preset")
+    tokenizer: str | None = field(None, help="local tokenizer folder (save_pretrained layout)")
+
+
+# ---------------------------------------------------------------- loading
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Cached per worker process: Ray reuses workers, so each loads the tokenizer once."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(io.local_copy(path), trust_remote_code=trust_remote_code)
+    tok.model_max_length = 1 << 62  # we window long texts ourselves; silence the length warning
+    return tok
+
+
+def load_model(path: str, *, device: str, dtype: str, trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, resolve_dtype(dtype, device))
+    model = AutoModelForCausalLM.from_pretrained(io.local_copy(path), dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device).eval()
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def check_model_dir(path: str) -> None:
+    if not io.exists(io.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path}: no config.json there; expected a folder "
+                                "written by save_pretrained (model + tokenizer)")
+
+
+def model_fingerprint(path: str) -> str:
+    """Config + weights content: the same checkpoint copied elsewhere keeps its fingerprint."""
+    fs, root = url_to_fs(path)
+    weights = sorted(p for p in fs.ls(root, detail=False)
+                     if p.endswith((".safetensors", ".bin", ".pt")) and "training_args" not in p)
+    if not weights:
+        raise FileNotFoundError(f"--model {path}: no weight files (*.safetensors, *.bin)")
+    return io.hash_files([fs.unstrip_protocol(p) for p in (posixpath.join(root, "config.json"), *weights)])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokenizer does (vocabulary, merges, normalisation, special tokens), not where it
+    lives: two checkpoints sharing a tokenizer agree, so per-token scores are comparable."""
+    import json
+
+    from miniplm.logprob import prefix_token_id
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else sorted(tokenizer.get_vocab().items())
+    return io.hash_json({"tokenizer": spec, "prefix": prefix_token_id(tokenizer)})
+
+
+# ---------------------------------------------------------------- building a model to train
+
+
+def is_tokenizer_dir(path: str) -> bool:
+    """A folder written by a tokenizer's save_pretrained (local or URL)."""
+    return io.exists(io.join(path, "tokenizer_config.json"))
+
+
+def load_tokenizer_checked(path: str):
+    if not is_tokenizer_dir(path):
+        raise ValueError(f"model.tokenizer: no tokenizer folder (tokenizer_config.json) at {path}")
+    tok = load_tokenizer(path)
+    if tok.eos_token_id is None:
+        raise ValueError(f"model.tokenizer: {path} has no EOS token to separate documents")
+    return tok
+
+
+def model_config(spec: ModelSpec, tokenizer, seq_len: int):
+    """The HF config to build, checked against the tokenizer and the sequence length."""
+    from transformers import AutoConfig
+
+    from miniplm.logprob import context_length
+
+    specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    if spec.config:
+        url = spec.config if spec.config.endswith(".json") else io.join(spec.config, "config.json")
+        config = AutoConfig.from_pretrained(io.local_copy(url))
+        if config.vocab_size < len(tokenizer):
+            raise ValueError(f"model.config: vocab_size {config.vocab_size} is smaller than the "
+                             f"tokenizer's {len(tokenizer)}")
+        where = "model.config"
+    else:
+        model_type, kwargs, context = PRESETS[spec.preset]
+        if model_type != "mamba":
+            kwargs = dict(kwargs, max_position_embeddings=context)
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                      **specials, **kwargs)
+        where = f"model.preset {spec.preset}"
+    context = context_length(config)
+    if context is not None and seq_len > context:
+        raise ValueError(f"data.seq_len: {seq_len} exceeds the model's context {context} ({where})")
+    for name in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, name):
+            setattr(config, name, 0.0)
+    return config
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
