@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from miniplm import __version__
-from miniplm.config import add_arguments, from_namespace
+from miniplm.config import absolute_paths, add_arguments, from_namespace
 
 
 def _stages() -> dict[str, tuple[type, Callable, str]]:
@@ -65,20 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     try:  # bad config fails before any work starts
-        if args.command == "train":
-            from miniplm.config import load
-            from miniplm.train import TrainConfig, run_train
-
-            cfg, run = load(TrainConfig, args.config, args.overrides), run_train
-        elif args.command in ("run", "demo"):
-            from miniplm.pipeline import demo_config, load_pipeline, run_pipeline
-
-            cfg = (load_pipeline(args.config, args.overrides) if args.command == "run"
-                   else demo_config(args.output, quick=args.quick))
-            run = run_pipeline
-        else:
-            cls, run, _ = _stages()[args.command]
-            cfg = from_namespace(cls, args)
+        cfg, run = resolve(args)
     except ValueError as err:
         parser.error(f"{args.command}: {err}")
     try:
@@ -87,6 +74,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miniplm {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def resolve(args: argparse.Namespace) -> tuple[object, Callable]:
+    """The command's config, with every local path made absolute, and the function to run it."""
+    if args.command == "train":
+        from miniplm.config import load
+        from miniplm.train import TrainConfig, run_train
+
+        cfg, run = load(TrainConfig, args.config, args.overrides), run_train
+    elif args.command in ("run", "demo"):
+        from miniplm.pipeline import demo_config, load_pipeline, run_pipeline
+
+        cfg = (load_pipeline(args.config, args.overrides) if args.command == "run"
+               else demo_config(args.output, quick=args.quick))
+        run = run_pipeline
+    else:
+        cls, run, _ = _stages()[args.command]
+        cfg = from_namespace(cls, args)
+    # Ray workers run in other directories: no relative path may reach them
+    return absolute_paths(cfg), run
 
 
 def user_message(err: BaseException) -> str:

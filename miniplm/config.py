@@ -7,14 +7,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, **kw) -> Any:
-    """A dataclass field carrying its command-line help (and optionally a positional flag)."""
-    meta = {"help": help, "flag": flag}
+def field(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
+          path: bool = False, keywords: tuple[str, ...] = (), **kw) -> Any:
+    """A dataclass field carrying its command-line help (and optionally a positional flag).
+    `path=True` marks a local path or URL that `absolute_paths` resolves; `keywords` are values
+    of such a field that are names, not paths (`sample`, `teacher`)."""
+    meta = {"help": help, "flag": flag, "path": path, "keywords": keywords}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -57,6 +61,61 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def absolute_path(value: str) -> str:
+    """A local path made absolute against this process's working directory (`~` expanded);
+    URLs (`s3://`, `gs://`, `file://`) unchanged. Ray workers run in other directories, so no
+    relative path may reach them."""
+    if "://" in value or os.path.isabs(os.path.expanduser(value)):
+        return value if "://" in value else os.path.expanduser(value)
+    if _submitted_job_working_dir():
+        # the driver of `ray job submit --working-dir` runs in Ray's temporary copy of that
+        # folder: output written there is lost, and inputs are only what was uploaded
+        raise ValueError(f"{value!r} is a relative path, and this job runs in Ray's copy of its "
+                         f"working directory ({os.getcwd()}); give an absolute path on storage "
+                         "every node sees, or a URL (s3://, gs://)")
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _submitted_job_working_dir() -> bool:
+    """Whether this process is the driver of a `ray job submit` job with a working_dir."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not job:
+        return False
+    try:
+        return bool(json.loads(job).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def absolute_paths(cfg: Any, prefix: str = "") -> Any:
+    """A copy of a (nested) config with every `path=True` field resolved by `absolute_path`:
+    the one place where user paths are fixed, at the CLI / config boundary."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if f.metadata.get("path"):
+            keep = f.metadata.get("keywords", ())
+
+            def resolve(v):
+                if v is None or v in keep:
+                    return v
+                try:
+                    return absolute_path(v)
+                except ValueError as err:
+                    raise ValueError(f"{key}: {err}") from None
+
+            new = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+        elif dataclasses.is_dataclass(value):
+            new = absolute_paths(value, f"{key}.")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            new = [absolute_paths(v, f"{key}[{i}].") for i, v in enumerate(value)]
+        else:
+            continue
+        if new != value:
+            changes[f.name] = new
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -24,9 +24,9 @@ PAPER_TASKS = ["hellaswag", "lambada_openai", "winogrande", "openbookqa", "arc_e
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class EvalConfig:
-    model: str = field(help="checkpoint folder (HF save_pretrained layout)")
-    data: str = field(help="held-out instances dataset")
-    output: str = field(help="JSON file for the results (scores go to a folder beside it)")
+    model: str = field(path=True, help="checkpoint folder (HF save_pretrained layout)")
+    data: str = field(path=True, help="held-out instances dataset")
+    output: str = field(path=True, help="JSON file for the results (scores go to a folder beside it)")
     tasks: list[str] = field([], help="lm-eval tasks: names, local task YAML files, or `paper`")
     limit: int | None = field(None, help="lm-eval: at most this many examples per task")
     batch_tokens: int = field(16384, help="padded tokens per forward pass")

@@ -39,8 +39,8 @@ PRESETS: dict[str, tuple[str, dict, int]] = {
 @dataclasses.dataclass(kw_only=True)
 class ModelSpec:
     preset: str | None = field("tiny", help="named model shape (see PRESETS); or give `config`")
-    config: str | None = field(None, help="HF config.json (or its folder) instead of a preset")
-    tokenizer: str | None = field(None, help="local tokenizer folder (save_pretrained layout)")
+    config: str | None = field(None, path=True, help="HF config.json (or its folder) instead of a preset")
+    tokenizer: str | None = field(None, path=True, help="local tokenizer folder (save_pretrained layout)")
 
 
 # ---------------------------------------------------------------- loading

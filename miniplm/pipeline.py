@@ -26,15 +26,15 @@ CORPUS_KINDS = ("refined", "random", "full")
 
 @dataclasses.dataclass(kw_only=True)
 class CorpusSpec:
-    inputs: list[str] = field(["sample"], help="corpus files/folders/globs, or `sample` (built-in)")
-    heldout: list[str] = field([], help="held-out evaluation files (the sample corpus brings its own)")
+    inputs: list[str] = field(["sample"], path=True, keywords=("sample",), help="corpus files/folders/globs, or `sample` (built-in)")
+    heldout: list[str] = field([], path=True, help="held-out evaluation files (the sample corpus brings its own)")
     sample_bytes: int = field(1_000_000, help="size of the built-in sample corpus")
     max_chars: int = field(2000, help="split documents longer than this into instances")
 
 
 @dataclasses.dataclass(kw_only=True)
 class ModelRun:
-    checkpoint: str | None = field(None, help="an existing HF checkpoint (else trained here)")
+    checkpoint: str | None = field(None, path=True, help="an existing HF checkpoint (else trained here)")
     preset: str = field("tiny", help="model preset when trained here")
     tokens: int = field(0, help="training budget in tokens when trained here")
     fraction: float = field(1.0, help="reference: fraction of the corpus held out as D_ref")
@@ -55,8 +55,8 @@ class StudentSpec:
     name: str = field(help="run name (folder under students/)")
     corpus: str = field("refined", help="refined (MiniPLM), random (vanilla, same size) or full")
     preset: str | None = field("tiny", help="model preset")
-    config: str | None = field(None, help="HF config.json instead of a preset")
-    tokenizer: str | None = field(None, help="tokenizer folder (default: the pipeline's)")
+    config: str | None = field(None, path=True, help="HF config.json instead of a preset")
+    tokenizer: str | None = field(None, path=True, help="tokenizer folder (default: the pipeline's)")
     tokens: int = field(help="training budget in tokens")
     seed: int = field(0, help="init and data order seed")
 
@@ -77,9 +77,9 @@ class TrainDefaults:
 
 @dataclasses.dataclass(kw_only=True)
 class PipelineConfig:
-    output: str = field(help="run folder for every stage's output")
+    output: str = field(path=True, help="run folder for every stage's output")
     corpus: CorpusSpec = dataclasses.field(default_factory=CorpusSpec)
-    tokenizer: str | None = field(None, help="tokenizer folder (default: trained on the corpus)")
+    tokenizer: str | None = field(None, path=True, help="tokenizer folder (default: trained on the corpus)")
     vocab_size: int = field(2048, help="vocabulary of the tokenizer trained here")
     teacher: ModelRun = field(help="teacher: checkpoint or model to train")
     reference: ModelRun = field(help="reference: checkpoint or model to train on D_ref")

@@ -36,9 +36,9 @@ DONE = "_done"
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class PrepareConfig:
-    inputs: list[str] = field(help="corpus files, folders or globs (local paths or fsspec URLs)",
+    inputs: list[str] = field(path=True, help="corpus files, folders or globs (local paths or fsspec URLs)",
                               flag="positional")
-    output: str = field(help="folder for the instances dataset (local path or fsspec URL)")
+    output: str = field(path=True, help="folder for the instances dataset (local path or fsspec URL)")
     text_field: str = field("text", help="JSON field / Parquet column holding the text")
     lines: bool = field(False, help=".txt files hold one document per line (else one per file)")
     max_chars: int = field(8192, help="split documents longer than this many characters")

@@ -24,8 +24,8 @@ from miniplm.config import describe, field
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ReportConfig:
-    runs: list[str] = field(help="run folders (each with metrics.jsonl)", flag="positional")
-    output: str = field(help="folder for report.md, report.json and loss_vs_flops.png")
+    runs: list[str] = field(path=True, help="run folders (each with metrics.jsonl)", flag="positional")
+    output: str = field(path=True, help="folder for report.md, report.json and loss_vs_flops.png")
     baseline: str | None = field(None, help="run name (folder name) of the baseline (default: first)")
     treatment: str | None = field(None, help="run name of the treatment (default: second)")
 

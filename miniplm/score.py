@@ -33,10 +33,10 @@ SCORE_SCHEMA = pa.schema([("id", pa.string()), ("n_tokens", pa.int64()), ("logpr
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ScoreConfig:
-    instances: str = field(help="instances dataset folder (from `miniplm prepare` or `select`)")
-    model: str = field(help="folder of a Hugging Face causal LM and its tokenizer (local path or "
+    instances: str = field(path=True, help="instances dataset folder (from `miniplm prepare` or `select`)")
+    model: str = field(path=True, help="folder of a Hugging Face causal LM and its tokenizer (local path or "
                             "fsspec URL; remote checkpoints are downloaded once per machine)")
-    output: str = field(help="folder for the score table (local path or fsspec URL)")
+    output: str = field(path=True, help="folder for the score table (local path or fsspec URL)")
     max_length: int | None = field(None, help="context per forward pass (default: the model's)")
     stride: int | None = field(None, help="tokens each sliding window adds (default: max_length // 2)")
     batch_tokens: int = field(16384, help="padded tokens per forward pass")

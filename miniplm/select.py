@@ -38,10 +38,10 @@ REFINED_SCHEMA = INSTANCE_SCHEMA.append(pa.field("score", pa.float64()))
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class SelectConfig:
-    instances: str = field(help="instances dataset the tables were scored on")
-    teacher: str = field(help="teacher score table folder")
-    reference: str | None = field(None, help="reference score table folder (difference, sample)")
-    output: str = field(help="folder for the refined corpus and its report")
+    instances: str = field(path=True, help="instances dataset the tables were scored on")
+    teacher: str = field(path=True, help="teacher score table folder")
+    reference: str | None = field(None, path=True, help="reference score table folder (difference, sample)")
+    output: str = field(path=True, help="folder for the refined corpus and its report")
     alpha: float = field(0.5, help="fraction of instances to keep (floor(alpha * N))")
     budget_tokens: int | None = field(None, help="instead of alpha: keep the best instances up to "
                                                  "this many teacher tokens")

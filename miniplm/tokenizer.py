@@ -18,8 +18,8 @@ SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>"}
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class TokenizerConfig:
-    instances: str = field(help="instances dataset to learn the vocabulary from")
-    output: str = field(help="folder for the tokenizer (local path)")
+    instances: str = field(path=True, help="instances dataset to learn the vocabulary from")
+    output: str = field(path=True, help="folder for the tokenizer (local path)")
     vocab_size: int = field(8192, help="vocabulary size, special tokens included")
     max_documents: int | None = field(None, help="learn from at most this many instances")
 

@@ -20,7 +20,7 @@ from miniplm.models import load_tokenizer, tokenizer_fingerprint
 
 @dataclasses.dataclass(kw_only=True)
 class DataSpec:
-    path: str = field(help="instances dataset to train on (prepare or select output)")
+    path: str = field(path=True, help="instances dataset to train on (prepare or select output)")
     seq_len: int = field(256, help="tokens per packed training sequence")
     fraction: float = field(1.0, help="train on a seeded random subset of this fraction")
     seed: int = field(0, help="seed of the subset and of the sequence order")

@@ -39,14 +39,14 @@ class OptimSpec:
 
 @dataclasses.dataclass(kw_only=True)
 class EvalSpec:
-    data: str | None = field(None, help="held-out instances dataset for periodic eval loss")
+    data: str | None = field(None, path=True, help="held-out instances dataset for periodic eval loss")
     every: int = field(0, help="evaluate every this many steps (0: only at the end)")
     max_sequences: int = field(64, help="held-out sequences per evaluation")
 
 
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
-    output: str = field(help="run folder: metrics.jsonl, checkpoints, final/ model")
+    output: str = field(path=True, help="run folder: metrics.jsonl, checkpoints, final/ model")
     model: ModelSpec = field(help="model shape and tokenizer")
     data: DataSpec = field(help="training corpus")
     optim: OptimSpec = dataclasses.field(default_factory=OptimSpec)

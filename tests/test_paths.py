@@ -1,0 +1,127 @@
+"""Relative paths, the way users type them: resolved once at the command line, before any Ray
+worker (which runs in another directory) can see them. The chain test runs the stages as a
+user does, as `miniplm` commands from a fresh working directory with relative paths only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_jsonl
+
+from miniplm import io
+from miniplm.cli import build_parser, resolve
+
+STAGE_ARGS = {
+    "prepare": ["raw/a.jsonl", "raw/*.jsonl", "s3://bucket/raw", "--output", "work/instances"],
+    "score": ["--instances", "work/instances", "--model", "ckpt/teacher", "--output", "work/scores/t"],
+    "select": ["--instances", "work/instances", "--teacher", "work/scores/t", "--reference",
+               "work/scores/r", "--output", "gs://bucket/refined"],
+    "train-tokenizer": ["--instances", "work/instances", "--output", "work/tokenizer"],
+    "eval": ["--model", "runs/s/final", "--data", "work/heldout", "--output", "runs/s/eval.json"],
+    "report": ["runs/a", "file:///abs/runs/b", "--output", "runs/report"],
+    "train": ["--set", "output=runs/s", "--set", "data.path=work/refined", "--set",
+              "model.tokenizer=work/tokenizer", "--set", "eval.data=work/heldout", "--set", "steps=1"],
+}
+
+
+def path_values(cfg, prefix=""):
+    """Every value of a `path=True` field of a (nested) config, with its dotted key."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if f.metadata.get("path"):
+            for v in value if isinstance(value, list) else [value]:
+                if v is not None:
+                    yield key, v
+        elif dataclasses.is_dataclass(value):
+            yield from path_values(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                yield from path_values(item, f"{key}[{i}].")
+
+
+@pytest.mark.parametrize("command", sorted(STAGE_ARGS))
+def test_every_path_is_made_absolute_at_the_command_line(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = resolve(build_parser().parse_args([command, *STAGE_ARGS[command]]))
+    values = dict(path_values(cfg))
+    assert values, "no path fields found"
+    typed = [a for a in STAGE_ARGS[command] if not a.startswith("-")]
+    for key, value in path_values(cfg):
+        if "://" in value:  # URLs pass unchanged
+            assert value in " ".join(typed), (key, value)
+        else:
+            assert os.path.isabs(value) and value.startswith(str(tmp_path)), (key, value)
+
+
+def test_pipeline_paths_are_absolute_and_keywords_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = resolve(build_parser().parse_args(["demo", "--quick"]))
+    assert cfg.output == str(tmp_path / "runs" / "demo")
+    assert cfg.corpus.inputs == ["sample"]  # a keyword, not a path
+    cfg, _ = resolve(build_parser().parse_args([
+        "run", str(io.join(os.path.dirname(__file__), "..", "miniplm", "configs", "demo.yaml")),
+        "--set", "output=out", "--set", "corpus.inputs=[data/x.jsonl]", "--set", "corpus.heldout=[h]"]))
+    assert cfg.output == str(tmp_path / "out")
+    assert cfg.corpus.inputs == [str(tmp_path / "data" / "x.jsonl")]
+    assert cfg.corpus.heldout == [str(tmp_path / "h")]
+
+
+def test_a_submitted_job_refuses_relative_paths(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the driver in Ray's copy of that folder: a relative
+    output would be written there and lost, so it is refused, naming the key."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    args = build_parser().parse_args(["score", "--instances", "/data/instances", "--model", "/ckpt/t",
+                                      "--output", "work/scores"])
+    with pytest.raises(ValueError, match="output: 'work/scores' is a relative path, and this job runs"):
+        resolve(args)
+    absolute = build_parser().parse_args(["score", "--instances", "/data/instances", "--model",
+                                          "s3://b/t", "--output", "/data/scores"])
+    assert resolve(absolute)[0].output == "/data/scores"
+
+
+@pytest.mark.timeout(600)
+def test_stage_chain_with_relative_paths(documents, llama_dir, tmp_path, ray_session):
+    """prepare -> score (teacher, reference) -> select -> train as `miniplm` commands run from a
+    fresh working directory, every path relative. Train's workers run in Ray Train's own
+    folder: before paths were resolved at the command line, its token cache was not found."""
+    import ray
+
+    cwd = tmp_path / "project"
+    write_jsonl(cwd / "raw" / "docs.jsonl", [{"text": d} for d in documents[:40]])
+    shutil.copytree(llama_dir, cwd / "ckpt" / "teacher")
+    shutil.copytree(llama_dir, cwd / "ckpt" / "reference")
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)  # this session's Ray
+
+    def miniplm(*args):
+        result = subprocess.run([sys.executable, "-m", "miniplm.cli", *args], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+    miniplm("prepare", "raw", "--output", "work/instances", "--rows-per-part", "20")
+    for role in ("teacher", "reference"):
+        miniplm("score", "--instances", "work/instances", "--model", f"ckpt/{role}",
+                "--output", f"work/scores/{role}", "--cpus-per-worker", "0.5")
+    miniplm("select", "--instances", "work/instances", "--teacher", "work/scores/teacher",
+            "--reference", "work/scores/reference", "--output", "work/refined", "--alpha", "0.5")
+    miniplm("train", "--set", "output=runs/student", "--set", "data.path=work/refined",
+            "--set", "model.tokenizer=ckpt/teacher", "--set", "data.seq_len=32", "--set", "micro_batch=4",
+            "--set", "batch_tokens=128", "--set", "steps=3", "--set", "cpus_per_worker=0.5",
+            "--set", "eval.data=work/instances", "--set", "eval.max_sequences=4")
+
+    kept = sum(pq.read_metadata(p).num_rows for p in (cwd / "work" / "refined").glob("part-*.parquet"))
+    assert kept == 20  # floor(0.5 * 40)
+    rows = [json.loads(line) for line in open(cwd / "runs" / "student" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "eval_loss" in rows[-1]
+    assert (cwd / "runs" / "student" / "final" / "config.json").exists()
+    for stage in ("instances", "scores/teacher", "refined"):  # every manifest names absolute paths
+        text = (cwd / "work" / stage / io.MANIFEST).read_text()
+        assert '"work/' not in text, stage
