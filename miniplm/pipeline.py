@@ -214,8 +214,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     inputs, heldout = cfg.corpus.inputs, cfg.corpus.heldout
     if inputs == ["sample"]:
-        if not os.path.exists(p("sample", "heldout", "docs.jsonl")):
-            step("sample corpus", p("sample", "heldout", "docs.jsonl"), write_sample_corpus,
+        if not os.path.exists(p("sample", io.MANIFEST)):
+            step("sample corpus", p("sample", io.MANIFEST), write_sample_corpus,
                  p("sample"), max_bytes=cfg.corpus.sample_bytes)
         inputs, heldout = [p("sample", "train")], heldout or [p("sample", "heldout")]
     if not heldout:

@@ -1,13 +1,19 @@
-"""The built-in sample corpus: real text found on any machine where miniplm is installed,
-gathered from the local Python installation without any download.
+"""The built-in sample corpus: real text found on every machine where miniplm is installed,
+gathered without any download from exactly two places, so that two machines with the same
+Python and the same resolved base dependencies get the same corpus:
+
+  - the Python standard library (its top-level modules), and
+  - the distributions that `pip install miniplm` always brings in: miniplm's base requirements
+    and theirs, recursively (never optional extras, never whatever else is installed).
 
 It has the quality mix Difference Sampling exists for:
-  docs     installed packages' long descriptions (README prose)      - valuable prose
-  code     standard-library modules, docstrings included               - valuable code
-  license  license files shipped with packages                          - repetitive boilerplate
-  noise    packages' RECORD files (paths and hashes)                    - noise
+  docs     those packages' long descriptions (README prose)         - valuable prose
+  code     standard-library modules, docstrings included              - valuable code
+  license  license files shipped with those packages                  - repetitive boilerplate
+  noise    their RECORD files (installed paths and hashes)            - noise
 A slice of `docs` (packages chosen by a hash of their name) is held out as the evaluation set
-and never used for training or selection. Deterministic for a given installation.
+and never used for training or selection. `_manifest.json` records the Python version, the
+packages and versions the text came from, and a fingerprint of the text itself.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import platform
 import sysconfig
 
 SHARE = {"docs": 0.40, "code": 0.35, "license": 0.15, "noise": 0.10}
 FILES_PER_SOURCE = 4
+ROOT_DISTRIBUTION = "miniplm"
 
 
 def _rank(name: str) -> str:
@@ -32,14 +40,43 @@ def _held_out(name: str, fraction: float) -> bool:
     return int(_rank("heldout:" + name)[:8], 16) / 16**8 < fraction
 
 
-def _distributions() -> list[importlib.metadata.Distribution]:
-    seen, dists = set(), []
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata.get("Name") or "").lower()
-        if name and name not in seen:
-            seen.add(name)
-            dists.append(dist)
-    return sorted(dists, key=lambda d: _rank(d.metadata["Name"].lower()))
+def _canonical(name: str) -> str:
+    from packaging.utils import canonicalize_name
+
+    return canonicalize_name(name)
+
+
+def base_distributions(root: str = ROOT_DISTRIBUTION) -> list[importlib.metadata.Distribution]:
+    """The installed distributions that `pip install <root>` brings in, without optional extras:
+    root's base requirements (with the extras they name, e.g. ray[data,train]) and, recursively,
+    theirs. The root itself is left out (its README changes with every release)."""
+    from packaging.requirements import Requirement
+
+    try:
+        importlib.metadata.distribution(root)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"the sample corpus needs {root} installed (pip install -e .)") from None
+    wanted: dict[str, set[str]] = {}
+    stack: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    found: dict[str, importlib.metadata.Distribution] = {}
+    while stack:
+        name, extras = stack.pop()
+        key = _canonical(name)
+        if key in wanted and extras <= wanted[key]:
+            continue
+        wanted.setdefault(key, set()).update(extras)
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a requirement whose marker excluded it at install time
+        found[key] = dist
+        for line in dist.requires or []:
+            req = Requirement(line)
+            envs = [{"extra": e} for e in (sorted(wanted[key]) or [""])]
+            if req.marker is None or any(req.marker.evaluate(env) for env in envs):
+                stack.append((req.name, frozenset(req.extras)))
+    found.pop(_canonical(root), None)
+    return sorted(found.values(), key=lambda d: _rank(_canonical(d.metadata["Name"])))
 
 
 def _description(dist) -> str:
@@ -48,8 +85,13 @@ def _description(dist) -> str:
     return (payload or text or "").strip()
 
 
-def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]], list[str]]:
-    """(training documents per source, held-out documents)."""
+def stdlib_modules() -> list[pathlib.Path]:
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    return sorted(stdlib.glob("*.py"), key=lambda p: _rank(p.name))
+
+
+def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """(training documents per source, held-out documents, `name==version` of every package used)."""
     budget = {s: int(max_bytes * share) for s, share in SHARE.items()}
     docs: dict[str, list[str]] = {s: [] for s in SHARE}
     heldout: list[str] = []
@@ -61,8 +103,10 @@ def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]
             used[source] += len(text.encode())
 
     heldout_bytes, heldout_budget = 0, int(max_bytes * heldout_fraction)
-    for dist in _distributions():
-        name = dist.metadata["Name"].lower()
+    packages = []
+    for dist in base_distributions():
+        name = _canonical(dist.metadata["Name"])
+        packages.append(f"{name}=={dist.version}")
         text = _description(dist)
         if len(text) > 400:
             if _held_out(name, heldout_fraction * 2) and heldout_bytes < heldout_budget:
@@ -75,10 +119,9 @@ def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]
                 take("license", _read(dist.locate_file(f)))
             elif f.name == "RECORD":
                 take("noise", _read(dist.locate_file(f)))
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(stdlib.glob("*.py"), key=lambda p: _rank(p.name)):
+    for path in stdlib_modules():
         take("code", _read(path))
-    return docs, heldout
+    return docs, heldout, sorted(packages)
 
 
 def _read(path) -> str:
@@ -89,22 +132,30 @@ def _read(path) -> str:
 
 
 def write_sample_corpus(out: str, *, max_bytes: int = 1_000_000, heldout_fraction: float = 0.1) -> dict:
-    """Write `out/train/<source>-<k>.jsonl` and `out/heldout/docs.jsonl`; returns byte counts."""
-    docs, heldout = gather(max_bytes, heldout_fraction)
+    """Write `out/train/<source>-<k>.jsonl`, `out/heldout/docs.jsonl` and `out/_manifest.json`
+    (byte counts, Python version, packages, and the fingerprint of the text); returns the manifest."""
+    docs, heldout, packages = gather(max_bytes, heldout_fraction)
     os.makedirs(os.path.join(out, "train"), exist_ok=True)
     os.makedirs(os.path.join(out, "heldout"), exist_ok=True)
+    digest = hashlib.sha256()
     sizes = {}
     for source, texts in docs.items():
         for k in range(FILES_PER_SOURCE):
-            shard = texts[k::FILES_PER_SOURCE]
-            _write_jsonl(os.path.join(out, "train", f"{source}-{k}.jsonl"), shard)
+            _write_jsonl(os.path.join(out, "train", f"{source}-{k}.jsonl"), texts[k::FILES_PER_SOURCE], digest)
         sizes[source] = sum(len(t.encode()) for t in texts)
-    _write_jsonl(os.path.join(out, "heldout", "docs.jsonl"), heldout)
+    _write_jsonl(os.path.join(out, "heldout", "docs.jsonl"), heldout, digest)
     sizes["heldout"] = sum(len(t.encode()) for t in heldout)
-    return sizes
+    manifest = {"fingerprint": digest.hexdigest()[:16], "python": platform.python_version(),
+                "bytes": sizes, "packages": packages}
+    with open(os.path.join(out, "_manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    print(f"sample corpus: {sum(sizes.values()):,} bytes from the Python {manifest['python']} standard "
+          f"library and {len(packages)} base packages, fingerprint {manifest['fingerprint']}")
+    return manifest
 
 
-def _write_jsonl(path: str, texts: list[str]) -> None:
-    with open(path, "w") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
+def _write_jsonl(path: str, texts: list[str], digest) -> None:
+    data = "".join(json.dumps({"text": text}) + "\n" for text in texts).encode()
+    digest.update(data)
+    with open(path, "wb") as f:
+        f.write(data)
