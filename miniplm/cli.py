@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dotted override, e.g. --set data.seq_len=512 tokens=1e6 (repeatable)")
     train.add_argument("--address", help="Ray cluster to use")
     run = sub.add_parser("run", help="the whole pipeline from one YAML (skips finished steps)")
-    run.add_argument("config", help="pipeline YAML (see jobs/configs/demo.yaml, pile-qwen.yaml)")
+    run.add_argument("config", help="pipeline YAML (see miniplm/configs/demo.yaml, jobs/configs/pile-qwen.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="dotted override, e.g. --set selection.alpha=0.3 (repeatable)")
     run.add_argument("--address", help="Ray cluster to use")

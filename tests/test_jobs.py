@@ -32,7 +32,9 @@ def ray_head():
     ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # as the README says: token authentication on, the token in ~/.ray/auth_token (which any
+    # earlier `miniplm` command, or this session's own ray.init, created)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
@@ -63,6 +65,11 @@ def ray_head():
 @pytest.mark.timeout(400)
 def test_score_job_through_ray_job_submit(ray_head, documents, llama_dir, tmp_path, ray_session):
     url, env = ray_head
+    # the head enforces token auth: a client that does not send the token is turned away
+    anonymous = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    refused = subprocess.run(["ray", "job", "list", "--address", url], env=anonymous,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "authentication token" in (refused.stdout + refused.stderr).lower()
     write_jsonl(tmp_path / "raw" / "docs.jsonl", [{"text": d} for d in documents[:12]])
     manifest = run_prepare(PrepareConfig(inputs=[str(tmp_path / "raw")],
                                          output=str(tmp_path / "instances"), rows_per_part=5))
