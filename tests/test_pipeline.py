@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,15 +20,26 @@ def read_ids(root) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, ray_session):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = run_pipeline(demo_config(str(out), quick=True))
-    return out, result
+def demo_run(tmp_path_factory):
+    """`miniplm demo --quick` exactly as a user runs it: a new process, an empty working
+    directory, the default (relative) output folder, Ray started by the command itself."""
+    cwd = tmp_path_factory.mktemp("newcomer")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    miniplm = os.path.join(os.path.dirname(sys.executable), "miniplm")  # the installed command
+    result = subprocess.run([miniplm, "demo", "--quick"], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd / "runs" / "demo", result.stdout
 
 
 @pytest.mark.timeout(900)
 def test_demo_quick_end_to_end(demo_run):
-    out, result = demo_run
+    out, stdout = demo_run
+    # it ends with the comparison table and the step table, and wrote where the user stands
+    assert "| vanilla |" in stdout and "| miniplm |" in stdout and "Compute-saving factor" in stdout
+    assert stdout.rstrip().splitlines()[-1].startswith("total")
+    assert (out / "report" / "report.md").exists()
+    summary = io.read_json(str(out / "report" / "report.json"))
     for path in ["instances", "heldout", "pool", "d_ref", "scores/teacher", "scores/reference",
                  "refined", "random"]:
         assert os.path.exists(out / path / io.MANIFEST), path
@@ -36,7 +49,6 @@ def test_demo_quick_end_to_end(demo_run):
     refined, random = read_ids(out / "refined"), read_ids(out / "random")
     assert set(refined) <= set(pool) and len(refined) == len(random) == math.floor(0.5 * len(pool))
     assert not set(read_ids(out / "d_ref")) & set(pool)  # D_ref is held out from selection
-    summary = result["summary"]
     assert set(summary["runs"]) == {"vanilla", "miniplm"}
     for name, run in summary["runs"].items():
         assert math.isfinite(run["final_eval_loss"]) and math.isfinite(run["bits_per_byte"]), name
@@ -46,7 +58,7 @@ def test_demo_quick_end_to_end(demo_run):
 
 
 @pytest.mark.timeout(600)
-def test_adding_a_student_trains_only_that_student(demo_run):
+def test_adding_a_student_trains_only_that_student(demo_run, ray_session):
     out, _ = demo_run
     tables = {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")}
     cfg = demo_config(str(out), quick=True)
