@@ -58,6 +58,10 @@ class TrainConfig:
     num_workers: int = field(1, help="Ray Train workers (DDP ranks)")
     use_gpu: bool = field(False, help="one GPU per worker, NCCL, bf16 autocast")
     cpus_per_worker: float = field(1.0, help="CPUs reserved per worker")
+    torch_threads: int | None = field(None, help="CPU threads torch uses on each worker (default: "
+                                                 "cpus_per_worker, at least 1). More than the "
+                                                 "reserved CPUs lets training use cores that Ray "
+                                                 "Data's streaming tasks leave idle most of the time")
     seed: int = field(0, help="model init and data order seed")
     checkpoint_every: int = field(50, help="checkpoint every this many steps")
     keep_checkpoints: int = field(2, help="checkpoints kept (latest)")
