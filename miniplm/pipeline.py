@@ -39,6 +39,8 @@ class ModelRun:
     tokens: int = field(0, help="training budget in tokens when trained here")
     fraction: float = field(1.0, help="reference: fraction of the corpus held out as D_ref")
     seed: int = field(0, help="seed of the D_ref split / training")
+    data: str = field("pool", help="teacher trained here: on `pool` (the instances it then scores) "
+                                   "or on `d_ref` (held out from selection, as the reference is)")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -72,6 +74,7 @@ class TrainDefaults:
     checkpoint_every: int = field(50, help="checkpoint every this many steps")
     num_workers: int = field(1, help="Ray Train workers")
     cpus_per_worker: float = field(1.0, help="CPUs per worker")
+    torch_threads: int | None = field(None, help="CPU threads torch uses per worker (default: cpus_per_worker)")
     use_gpu: bool = field(False, help="train on GPUs")
 
 
@@ -89,6 +92,7 @@ class PipelineConfig:
     score_workers: int = field(1, help="scoring actors")
     score_cpus: float = field(1.0, help="CPUs per scoring actor")
     device: str = field("auto", help="scoring device: cpu, cuda or auto")
+    report: str = field("report", help="folder (under output) for the students' comparison")
 
     def __post_init__(self):
         if not io.is_local(self.output):
@@ -106,6 +110,10 @@ class PipelineConfig:
                 _check_preset(f"{role}.preset", run.preset)
                 if run.tokens <= 0:
                     raise ValueError(f"{role}.tokens: a model trained here needs a budget > 0")
+        if self.teacher.data not in ("pool", "d_ref"):
+            raise ValueError(f"teacher.data: {self.teacher.data!r} is not pool or d_ref")
+        if self.teacher.data == "d_ref" and (self.teacher.checkpoint or self.reference.checkpoint):
+            raise ValueError("teacher.data: d_ref needs both teacher and reference trained here")
         if not 0 < self.reference.fraction <= 1:
             raise ValueError(f"reference.fraction must be in (0, 1], got {self.reference.fraction}")
         if not self.students:
@@ -238,7 +246,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
              TokenizerConfig(instances=pool, output=p("tokenizer"), vocab_size=cfg.vocab_size))
 
     models = {}
-    for role, data in (("teacher", pool), ("reference", p("d_ref"))):
+    teacher_data = p("d_ref") if cfg.teacher.data == "d_ref" else pool
+    for role, data in (("teacher", teacher_data), ("reference", p("d_ref"))):
         run: ModelRun = getattr(cfg, role)
         if run.checkpoint:
             models[role] = run.checkpoint
@@ -274,11 +283,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     baseline = next((st.name for st in cfg.students if st.corpus != "refined"), cfg.students[0].name)
     treatment = next((st.name for st in cfg.students if st.corpus == "refined" and st.name != baseline), None)
-    summary = step("report", p("report", "report.json"), run_report,
-                   ReportConfig(runs=[p("students", st.name) for st in cfg.students], output=p("report"),
+    summary = step("report", p(cfg.report, "report.json"), run_report,
+                   ReportConfig(runs=[p("students", st.name) for st in cfg.students], output=p(cfg.report),
                                 baseline=baseline, treatment=treatment))
+    if os.path.exists(p("refined", "report.json")):
+        print("\n" + kept_per_source(io.read_json(p("refined", "report.json"))))
     print("\n" + step.table())
     return {"summary": summary, "steps": step.log}
+
+
+def kept_per_source(report: dict) -> str:
+    """What the refined corpus kept of each source: the selection at a glance."""
+    lines = [f"Refined corpus ({report['method']}, alpha {report['alpha']}): kept per source"]
+    for source, s in sorted(report["per_source"].items()):
+        total = s["kept"] + s["dropped"]
+        lines.append(f"  {source:12} {s['kept']:>6} of {total:<6} {s['kept'] / max(total, 1):6.1%}")
+    return "\n".join(lines)
 
 
 def _train(train_cfg):
@@ -311,7 +331,7 @@ def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, p
         optim=OptimSpec(lr=t.lr, warmup_steps=t.warmup_steps),
         eval=EvalSpec(data=eval_data, every=t.eval_every),
         tokens=tokens, batch_tokens=t.batch_tokens, micro_batch=t.micro_batch, num_workers=t.num_workers,
-        cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu, seed=seed,
+        cpus_per_worker=t.cpus_per_worker, torch_threads=t.torch_threads, use_gpu=t.use_gpu, seed=seed,
         checkpoint_every=t.checkpoint_every)
 
 
