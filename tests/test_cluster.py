@@ -1,9 +1,13 @@
-"""cluster/: the launcher YAML and KubeRay manifests parse, and every RayJob entrypoint names a
-job in jobs/ with arguments its parser and config accept."""
+"""cluster/: the launcher YAML and KubeRay manifests parse, every RayJob entrypoint names a
+job in jobs/ with arguments its parser and config accept, and every local path a job names is
+mounted where the job runs: on the head, whose driver opens the model config, tokenizer and
+fingerprints, and on the workers."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
+import re
 import shlex
 
 import pytest
@@ -25,22 +29,104 @@ def test_every_cluster_file_parses():
     assert launcher["head_node_type"] in launcher["available_node_types"]
 
 
-@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("rayjob")], ids=lambda p: p.name)
+RAYJOBS = [p for p in MANIFESTS if p.name.startswith("rayjob")]
+
+
+def stage_config(argv: list[str]):
+    """(stage, its resolved config, the --config file or None) for `python jobs/<stage>.py ...`."""
+    python, script, *args = argv
+    assert python == "python" and (REPO / script).is_file(), argv
+    stage = pathlib.Path(script).stem
+    args = build_parser().parse_args([stage, *args])
+    if stage == "train":
+        from miniplm.train import TrainConfig
+
+        config = str(REPO / args.config) if args.config else None
+        return stage, load(TrainConfig, config, args.overrides), args.config
+    from miniplm.cli import _stages
+
+    return stage, from_namespace(_stages()[stage][0], args), None
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_rayjob_entrypoint_is_a_valid_job(path):
     job = yaml.safe_load(path.read_text())
     assert job["kind"] == "RayJob"
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["working_dir"]
-    python, script, *args = shlex.split(job["spec"]["entrypoint"])
-    assert python == "python" and (REPO / script).is_file()
-    stage = pathlib.Path(script).stem
-    args = build_parser().parse_args([stage, *args])
+    stage, cfg, _ = stage_config(shlex.split(job["spec"]["entrypoint"]))
     if stage == "train":
-        config = str(REPO / args.config) if args.config else None
-        cfg = load(__import__("miniplm.train", fromlist=["TrainConfig"]).TrainConfig, config, args.overrides)
         assert cfg.use_gpu and cfg.num_workers >= 1
     else:
-        from miniplm.cli import _stages
-
-        cls = _stages()[stage][0]
-        cfg = from_namespace(cls, args)
         assert cfg.device == "cuda"
+
+
+def local_paths(argv: list[str]) -> list[str]:
+    """Every local path a job command names: its script, its --config file and every path-like
+    value of its resolved config (URLs such as s3:// are not local)."""
+    _, cfg, config_file = stage_config(argv)
+    values = [argv[1], config_file, *_strings(dataclasses.asdict(cfg))]
+    return [v for v in values if v and "/" in v and "://" not in v]
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def pod_mounts(pod: dict) -> list[str]:
+    """Mount paths of the Ray container (KubeRay's first container), each backed by a pod volume."""
+    volumes = {v["name"] for v in pod.get("volumes", [])}
+    mounts = pod["containers"][0].get("volumeMounts", [])
+    assert all(m["name"] in volumes for m in mounts), (mounts, volumes)
+    return [m["mountPath"] for m in mounts]
+
+
+def unmounted(paths: list[str], mounts: list[str]) -> list[str]:
+    """Paths neither under a mount nor shipped with the job's working dir (this repo)."""
+    def seen(p: str) -> bool:
+        if not p.startswith("/"):  # relative: the working dir, unpacked on every node
+            return (REPO / p).is_file()
+        return any(p == m or p.startswith(m.rstrip("/") + "/") for m in mounts)
+    return [p for p in paths if not seen(p)]
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_local_paths_are_mounted_on_head_and_workers(path):
+    """The RayJob's driver runs on the head pod: it reads the model's config, tokenizer and
+    fingerprints there before any worker starts, so a path only the workers mount fails."""
+    spec = yaml.safe_load(path.read_text())["spec"]
+    paths = local_paths(shlex.split(spec["entrypoint"]))
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert unmounted(paths, pod_mounts(head)) == [], "not mounted on the head pod (driver)"
+    for group in cluster["workerGroupSpecs"]:
+        missing = unmounted(paths, pod_mounts(group["template"]["spec"]))
+        assert missing == [], f"not mounted on worker group {group['groupName']}"
+
+
+def launcher_job_commands(text: str) -> list[list[str]]:
+    """The `ray job submit ... -- python jobs/...` commands shown in a YAML's header comment."""
+    comment = "\n".join(line.lstrip("#") for line in text.splitlines() if line.startswith("#"))
+    commands = []
+    for match in re.finditer(r"ray job submit (?:[^\n]*\\\n)*[^\n]*", comment):
+        words = shlex.split(match.group(0).replace("\\\n", " "))
+        commands.append(words[words.index("--") + 1:])
+    return commands
+
+
+def test_launcher_job_paths_reach_every_node():
+    """The cluster launcher copies `file_mounts` to the head and every worker; any other local
+    path a job names exists on no node of a fresh cluster."""
+    text = (REPO / "cluster" / "ray-cluster.yaml").read_text()
+    commands = launcher_job_commands(text)
+    assert commands, "ray-cluster.yaml shows no `ray job submit` command"
+    mounts = list(yaml.safe_load(text)["file_mounts"] or {})
+    for argv in commands:
+        assert unmounted(local_paths(argv), mounts) == [], argv
+
