@@ -130,3 +130,39 @@ def test_launcher_job_paths_reach_every_node():
     for argv in commands:
         assert unmounted(local_paths(argv), mounts) == [], argv
 
+
+def base_requirements() -> dict:
+    """pyproject.toml's dependencies: name -> Requirement."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {r.name: r for r in map(Requirement, project["dependencies"])}
+
+
+def runtime_envs() -> dict[str, dict]:
+    envs = {"runtime_env.yaml": yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())}
+    for path in RAYJOBS:
+        envs[path.name] = yaml.safe_load(yaml.safe_load(path.read_text())["spec"]["runtimeEnvYAML"])
+    return envs
+
+
+@pytest.mark.parametrize("name", sorted(runtime_envs()))
+def test_runtime_env_installs_miniplm_dependencies_with_its_floors(name):
+    """The job ships miniplm's source, not its package: the runtime env must install what
+    pyproject.toml requires (the Ray image brings Ray, not torch), with the same floors."""
+    from packaging.requirements import Requirement
+
+    wanted = {n: str(r.specifier) for n, r in base_requirements().items() if n != "ray"}
+    pip = {r.name: str(r.specifier) for r in map(Requirement, runtime_envs()[name]["pip"])}
+    assert {n: pip.get(n) for n in wanted} == wanted
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("ray")], ids=lambda p: p.name)
+def test_cluster_ray_version_meets_the_floor(path):
+    ray = base_requirements()["ray"]
+    versions = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", path.read_text()))
+    doc = yaml.safe_load(path.read_text())
+    spec = doc.get("spec", {})
+    versions |= {v for v in (spec.get("rayVersion"), spec.get("rayClusterSpec", {}).get("rayVersion")) if v}
+    assert all(ray.specifier.contains(v) for v in versions), (versions, ray)
