@@ -158,11 +158,12 @@ def test_runtime_env_installs_miniplm_dependencies_with_its_floors(name):
     assert {n: pip.get(n) for n in wanted} == wanted
 
 
-@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("ray")], ids=lambda p: p.name)
-def test_cluster_ray_version_meets_the_floor(path):
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith(("raycluster", "rayjob"))],
+                         ids=lambda p: p.name)
+def test_kuberay_ray_version_meets_the_floor(path):
+    """The image's Ray is the one jobs get (a runtime env does not reinstall Ray)."""
     ray = base_requirements()["ray"]
+    spec = yaml.safe_load(path.read_text())["spec"]
     versions = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", path.read_text()))
-    doc = yaml.safe_load(path.read_text())
-    spec = doc.get("spec", {})
-    versions |= {v for v in (spec.get("rayVersion"), spec.get("rayClusterSpec", {}).get("rayVersion")) if v}
+    versions |= {spec.get("rayVersion") or spec["rayClusterSpec"]["rayVersion"]}
     assert all(ray.specifier.contains(v) for v in versions), (versions, ray)
