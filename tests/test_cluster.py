@@ -60,23 +60,34 @@ def test_rayjob_entrypoint_is_a_valid_job(path):
         assert cfg.device == "cuda"
 
 
-def local_paths(argv: list[str]) -> list[str]:
-    """Every local path a job command names: its script, its --config file and every path-like
-    value of its resolved config (URLs such as s3:// are not local)."""
+def config_paths(cfg) -> list[str]:
+    """The values of every `path=True` field of a (nested) config, keywords such as `sample` left out."""
+    found = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("path"):
+            items = value if isinstance(value, list) else [value]
+            found += [v for v in items if v is not None and v not in f.metadata.get("keywords", ())]
+        elif dataclasses.is_dataclass(value):
+            found += config_paths(value)
+        elif isinstance(value, list):
+            found += [p for v in value if dataclasses.is_dataclass(v) for p in config_paths(v)]
+    return found
+
+
+def unmounted(argv: list[str], mounts: list[str]) -> list[str]:
+    """The local paths a job command names that a node with these mounts lacks. A URL needs
+    no mount; a relative path in the config is refused by a submitted job (it would resolve in
+    Ray's copy of the working dir); a relative --config file ships with the working dir."""
     _, cfg, config_file = stage_config(argv)
-    values = [argv[1], config_file, *_strings(dataclasses.asdict(cfg))]
-    return [v for v in values if v and "/" in v and "://" not in v]
 
+    def mounted(p: str) -> bool:
+        return p.startswith("/") and any(p == m or p.startswith(m.rstrip("/") + "/") for m in mounts)
 
-def _strings(value):
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
+    missing = [p for p in config_paths(cfg) if "://" not in p and not mounted(p)]
+    if config_file and not ((REPO / config_file).is_file() or mounted(config_file)):
+        missing.append(config_file)
+    return missing
 
 
 def pod_mounts(pod: dict) -> list[str]:
@@ -87,26 +98,17 @@ def pod_mounts(pod: dict) -> list[str]:
     return [m["mountPath"] for m in mounts]
 
 
-def unmounted(paths: list[str], mounts: list[str]) -> list[str]:
-    """Paths neither under a mount nor shipped with the job's working dir (this repo)."""
-    def seen(p: str) -> bool:
-        if not p.startswith("/"):  # relative: the working dir, unpacked on every node
-            return (REPO / p).is_file()
-        return any(p == m or p.startswith(m.rstrip("/") + "/") for m in mounts)
-    return [p for p in paths if not seen(p)]
-
-
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_rayjob_local_paths_are_mounted_on_head_and_workers(path):
     """The RayJob's driver runs on the head pod: it reads the model's config, tokenizer and
     fingerprints there before any worker starts, so a path only the workers mount fails."""
     spec = yaml.safe_load(path.read_text())["spec"]
-    paths = local_paths(shlex.split(spec["entrypoint"]))
+    argv = shlex.split(spec["entrypoint"])
     cluster = spec["rayClusterSpec"]
     head = cluster["headGroupSpec"]["template"]["spec"]
-    assert unmounted(paths, pod_mounts(head)) == [], "not mounted on the head pod (driver)"
+    assert unmounted(argv, pod_mounts(head)) == [], "not mounted on the head pod (driver)"
     for group in cluster["workerGroupSpecs"]:
-        missing = unmounted(paths, pod_mounts(group["template"]["spec"]))
+        missing = unmounted(argv, pod_mounts(group["template"]["spec"]))
         assert missing == [], f"not mounted on worker group {group['groupName']}"
 
 
@@ -128,7 +130,7 @@ def test_launcher_job_paths_reach_every_node():
     assert commands, "ray-cluster.yaml shows no `ray job submit` command"
     mounts = list(yaml.safe_load(text)["file_mounts"] or {})
     for argv in commands:
-        assert unmounted(local_paths(argv), mounts) == [], argv
+        assert unmounted(argv, mounts) == [], argv
 
 
 def base_requirements() -> dict:
