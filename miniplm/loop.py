@@ -119,7 +119,9 @@ def train_loop(loop_config: dict) -> None:
         state["tokens"] += seq_tokens * cfg.grad_accum * world
         loss_avg = loss_sum / cfg.grad_accum
         if world > 1:
-            torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.AVG)
+            # SUM then divide: gloo has ReduceOp.AVG only since torch 2.8
+            torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.SUM)
+            loss_avg /= world
 
         now = time.perf_counter()
         dt, last_time = now - last_time, now

@@ -58,10 +58,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_model(path: str, *, device: str, dtype: str, trust_remote_code: bool = False):
     import torch
+    import transformers
+    from packaging.version import Version
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, resolve_dtype(dtype, device))
-    model = AutoModelForCausalLM.from_pretrained(io.local_copy(path), dtype=torch_dtype,
+    # transformers 4.56 renamed torch_dtype to dtype (and warns on the old name); we support both
+    dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(io.local_copy(path), **{dtype_arg: torch_dtype},
                                                  trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
