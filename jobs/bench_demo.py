@@ -17,18 +17,19 @@ import sys
 sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/select.py)
 
 from miniplm.config import absolute_path  # noqa: E402
-from miniplm.pipeline import demo_config  # noqa: E402
+from miniplm.pipeline import saved_pipeline  # noqa: E402
 from miniplm.replicate import replicate, seeds_table, verdict  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="runs/demo", help="the demo's run folder (default: runs/demo)")
+    parser.add_argument("--output", default="runs/demo", help="a finished demo (or pipeline) run folder (default: runs/demo)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--preset", default="mini", help="student preset (default: mini)")
     parser.add_argument("--tokens", type=float, default=1.2e6, help="tokens per student")
     args = parser.parse_args()
-    results = replicate(demo_config(absolute_path(args.output)), args.seeds, args.preset, int(args.tokens))
+    cfg = saved_pipeline(absolute_path(args.output))  # exactly the config that made the run
+    results = replicate(cfg, args.seeds, args.preset, int(args.tokens))
     print(f"\nstudents: {args.preset}, {int(args.tokens):,} tokens each, seeds {args.seeds}\n")
     print(seeds_table(results))
     print("\n" + verdict(results))

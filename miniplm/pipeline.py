@@ -350,5 +350,15 @@ def load_pipeline(path: str, overrides: list[str] | None = None) -> PipelineConf
     return load(PipelineConfig, path, overrides or [])
 
 
+def saved_pipeline(output: str) -> PipelineConfig:
+    """The config a finished `run`/`demo` recorded in its folder (pipeline.json)."""
+    from miniplm.config import build
+
+    path = os.path.join(output, "pipeline.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{output}: no pipeline.json; run `miniplm demo` (or `miniplm run`) first")
+    return build(PipelineConfig, io.read_json(path))
+
+
 def demo_config(output: str, quick: bool = False) -> PipelineConfig:
     return load_pipeline(DEMO_CONFIG, [f"output={output}"] + (QUICK if quick else []))
