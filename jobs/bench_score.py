@@ -349,7 +349,9 @@ def main() -> None:
         proc.start()
         results[job] = queue.get()
         proc.join()
-        print(f"{job[0]} {job[1] or ''}: done", flush=True)
+        r = results[job]
+        print(f"{job[0]} {job[1] or ''}: {r['tokens']} tokens in {r['seconds']:.1f}s, "
+              f"{r['tokens'] / r['seconds']:,.0f} tokens/s, peak {r['peak'] / 2**20:.0f}MB", flush=True)
 
     print(f"\n{args.docs} docs, model {args.model}, device {args.device}, {args.threads} threads, "
           f"batch {args.batch_tokens} tokens")
