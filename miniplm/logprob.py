@@ -3,19 +3,37 @@
 A text's token ids `x_1..x_n` are scored as `sum_i log p(x_i | x_<i)` with the model's BOS
 (or EOS where it has none) prepended, so `x_1` is scored too. A sequence longer than the
 context is split into overlapping windows: each window re-reads at least
-`max_length - stride` tokens of context and scores only the tokens it adds. Windows of all
-texts in a batch are sorted by length and packed under a token budget, and the LM head is
-applied only at scored positions, in chunks, so full `[batch, seq, vocab]` fp32 logits never
-exist. No Ray here: the score stage wires this into an actor pool.
+`max_length - stride` tokens of context and scores only the tokens it adds.
+
+Windows are grouped into micro-batches under a token budget, longest first, in one of two
+layouts (`packing`):
+  padded  rows of windows right-padded to the longest, with an attention mask (fastest on
+          CPU and with sdpa: attention cost stays per window)
+  packed  all windows in one row, `position_ids` restarting per window, no mask and no
+          cache, so the model's varlen kernels (flash attention) keep windows apart and
+          no padded token is computed
+The LM head runs only at scored positions, in chunks, in float32 (the head weight upcast one
+vocabulary block at a time), so `[batch, seq, vocab]` logits never exist in any dtype. Models
+that post-process their logits (soft-capping, scaling) keep the model's own logits, a few
+rows at a time. Per-window sums are reduced on the host in a fixed order, so a table is
+bit-identical however often it is recomputed, on GPU too. No Ray here: the score stage
+wires this into an actor pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 import warnings
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+
+PACKING = ("auto", "padded", "packed")
+# attention implementations that run packed rows as separate sequences without a T x T mask
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +68,22 @@ def pack_by_tokens(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+def pack_flat(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices into batches whose summed length stays within `batch_tokens` (packed
+    rows have no padding); longest first, so the first batch shows peak memory."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    used = 0
+    for i in order:
+        if batches and used + lengths[i] <= batch_tokens:
+            batches[-1].append(i)
+            used += lengths[i]
+        else:
+            batches.append([i])
+            used = lengths[i]
+    return batches
+
+
 def prefix_token_id(tokenizer) -> int:
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:
@@ -66,19 +100,45 @@ def context_length(config) -> int | None:
     return None
 
 
+def default_packing(model) -> str:
+    """Packed rows where the attention kernel takes variable-length sequences; elsewhere a
+    packed row would get a dense block-diagonal mask over the whole row, which costs more
+    than the padding it saves."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return "packed" if on_gpu and impl in VARLEN_ATTENTION else "padded"
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """One forward pass, built on the host (pinned on GPU machines) ahead of its turn."""
+    input_ids: torch.Tensor             # (B, T)
+    attention_mask: torch.Tensor | None  # (B, T), padded layout only
+    position_ids: torch.Tensor | None   # (1, T), packed layout only
+    positions: torch.Tensor             # (P,) flat index into B*T of each scored token's logits
+    targets: torch.Tensor               # (P,) the token each of those positions predicts
+    owner: np.ndarray                   # (P,) which window of this batch each scored token is in
+    texts: np.ndarray                   # (W,) which text each window belongs to
+
+
 class SequenceScorer:
     """Scores token-id sequences with one loaded model."""
 
     def __init__(self, model, *, max_length: int, stride: int, batch_tokens: int,
-                 prefix_id: int, head_chunk_tokens: int = 4096):
+                 prefix_id: int, packing: str = "auto", head_chunk_tokens: int = 4096,
+                 head_chunk_bytes: int = 256 << 20, prefetch: int = 2):
         if not 1 <= stride < max_length:
             raise ValueError(f"stride must be in [1, max_length), got {stride} with max_length {max_length}")
+        if packing not in PACKING:
+            raise ValueError(f"packing must be one of {', '.join(PACKING)}, got {packing!r}")
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.max_length, self.stride, self.batch_tokens = max_length, stride, batch_tokens
-        self.prefix_id, self.head_chunk_tokens = prefix_id, head_chunk_tokens
+        self.prefix_id, self.prefetch = prefix_id, prefetch
+        self.head_chunk_tokens, self.head_chunk_bytes = head_chunk_tokens, head_chunk_bytes
         self.lm_head = model.get_output_embeddings()
         self.chunked_head = self._chunked_head_matches_model()
+        self.packing = default_packing(model) if packing == "auto" else packing
 
     @torch.inference_mode()
     def score(self, sequences: list[np.ndarray]) -> np.ndarray:
@@ -86,68 +146,199 @@ class SequenceScorer:
         full = [np.concatenate([[self.prefix_id], np.asarray(s, dtype=np.int64)]) for s in sequences]
         wins = [w for row, seq in enumerate(full)
                 for w in windows(len(seq), self.max_length, self.stride, row)]
+        packed = self.packing == "packed" and self.chunked_head  # model logits come in rows
+        plan = (pack_flat if packed else pack_by_tokens)([w.end - w.start for w in wins],
+                                                         self.batch_tokens)
+        build = self._build_packed if packed else self._build_padded
+        batches = (build([wins[i] for i in indices], full) for indices in plan)
+        # the next batches are built on the host while the model runs this one; results stay
+        # on the device until the end, so nothing waits for the device batch by batch
+        scored = [(batch, self._token_logprobs(batch)) for batch in _prefetched(batches, self.prefetch)]
+        if not scored:
+            return np.zeros(0, dtype=np.float64)
+        token_lp = torch.cat([lp for _, lp in scored]).double().cpu().numpy()
         totals = np.zeros(len(sequences), dtype=np.float64)
-        for batch in pack_by_tokens([w.end - w.start for w in wins], self.batch_tokens):
-            sums = self._score_windows([wins[i] for i in batch], full)
-            np.add.at(totals, [wins[i].row for i in batch], sums)
+        start = 0
+        for batch, lp in scored:
+            # per-window sums on the host, sequential float64 additions in a fixed order:
+            # deterministic on every device (index_add_ on CUDA is not), and on CPU the same
+            # additions in the same order as the index_add_ this replaced
+            sums = np.zeros(len(batch.texts), dtype=np.float64)
+            np.add.at(sums, batch.owner, token_lp[start:start + len(lp)])
+            np.add.at(totals, batch.texts, sums)
+            start += len(lp)
         return totals
 
-    def _score_windows(self, wins: list[Window], full: list[np.ndarray]) -> np.ndarray:
+    # ------------------------------------------------------------ building micro-batches
+
+    def _build_padded(self, wins: list[Window], full: list[np.ndarray]) -> MicroBatch:
         longest = max(w.end - w.start for w in wins)
         ids = torch.zeros(len(wins), longest, dtype=torch.long)
         mask = torch.zeros(len(wins), longest, dtype=torch.long)
-        rows, cols, targets = [], [], []
         for b, w in enumerate(wins):
-            seq = full[w.row][w.start:w.end]
-            ids[b, : len(seq)] = torch.from_numpy(seq)
-            mask[b, : len(seq)] = 1
-            # logits at window position j predict seq position start + j + 1
-            scored = np.arange(w.first_target - w.start - 1, w.end - w.start - 1)
-            rows.append(np.full(len(scored), b))
-            cols.append(scored)
-            targets.append(seq[scored + 1])
-        rows_t = torch.from_numpy(np.concatenate(rows)).to(self.device)
-        cols_t = torch.from_numpy(np.concatenate(cols)).to(self.device)
-        targets_t = torch.from_numpy(np.concatenate(targets)).to(self.device)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        token_lp = self._token_logprobs(ids, mask, rows_t, cols_t, targets_t)  # (P,) fp32
-        sums = torch.zeros(len(wins), dtype=torch.float64, device=self.device)
-        sums.index_add_(0, rows_t, token_lp.double())
-        return sums.cpu().numpy()
+            ids[b, : w.end - w.start] = torch.from_numpy(full[w.row][w.start:w.end])
+            mask[b, : w.end - w.start] = 1
+        offsets = np.arange(len(wins)) * longest
+        return self._finish(wins, full, ids, mask, None, offsets)
 
-    def _token_logprobs(self, ids, mask, rows, cols, targets) -> torch.Tensor:
+    def _build_packed(self, wins: list[Window], full: list[np.ndarray]) -> MicroBatch:
+        lengths = np.array([w.end - w.start for w in wins])
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        ids = torch.from_numpy(np.concatenate([full[w.row][w.start:w.end] for w in wins]))[None]
+        positions = np.arange(int(lengths.sum())) - np.repeat(offsets, lengths)  # restart per window
+        return self._finish(wins, full, ids, None, torch.from_numpy(positions)[None], offsets)
+
+    def _finish(self, wins, full, ids, mask, position_ids, offsets) -> MicroBatch:
+        """Scored positions: logits at window position j predict seq position start + j + 1."""
+        positions, targets, owner = [], [], []
+        for b, w in enumerate(wins):
+            cols = np.arange(w.first_target - w.start - 1, w.end - w.start - 1)
+            positions.append(offsets[b] + cols)
+            targets.append(full[w.row][w.start + cols + 1])
+            owner.append(np.full(len(cols), b))
+        batch = MicroBatch(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                           positions=torch.from_numpy(np.concatenate(positions)),
+                           targets=torch.from_numpy(np.concatenate(targets)),
+                           owner=np.concatenate(owner), texts=np.array([w.row for w in wins]))
+        if self.device.type == "cuda":  # page-locked: the copy to the GPU runs asynchronously
+            for name in ("input_ids", "attention_mask", "position_ids", "positions", "targets"):
+                tensor = getattr(batch, name)
+                if tensor is not None:
+                    setattr(batch, name, tensor.pin_memory())
+        return batch
+
+    # ------------------------------------------------------------ the forward pass
+
+    def _to_device(self, tensor):
+        return None if tensor is None else tensor.to(self.device, non_blocking=True)
+
+    def _token_logprobs(self, batch: MicroBatch) -> torch.Tensor:
+        """(P,) float32 log-probabilities of the batch's scored tokens, on the device."""
+        ids = self._to_device(batch.input_ids)
+        positions, targets = self._to_device(batch.positions), self._to_device(batch.targets)
         if not self.chunked_head:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            return _logprob_of(logits[rows, cols].float(), targets)
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        hidden = hidden[rows, cols]  # (P, H): only the scored positions
+            return self._model_logits_logprobs(ids, self._to_device(batch.attention_mask),
+                                               positions, targets)
+        inputs = {"input_ids": ids, "attention_mask": self._to_device(batch.attention_mask)}
+        if batch.position_ids is not None:
+            # packed: no mask and no cache, so attention stays within each window
+            inputs = {"input_ids": ids, "position_ids": self._to_device(batch.position_ids)}
+        hidden = self.model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[positions]  # (P, H): scored positions only
         out = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         for i in range(0, len(targets), self.head_chunk_tokens):
             part = slice(i, i + self.head_chunk_tokens)
-            out[part] = _logprob_of(self.lm_head(hidden[part]).float(), targets[part])
+            out[part] = self._head_logprobs(hidden[part], targets[part])
+        return out
+
+    def _head_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log softmax(lm_head(hidden))[target] in float32, one vocabulary block at a time:
+        (p, H), (p,) -> (p,). Memory: p x block logits and one block of the weight in fp32."""
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        hidden = hidden.float()
+        vocab = weight.shape[0]
+        block = max(1, self.head_chunk_bytes // (4 * self.head_chunk_tokens))
+        if block >= vocab:
+            logits = torch.nn.functional.linear(hidden, weight.float(), _float(bias))  # (p, V)
+            return _logprob_of(logits, targets)
+        picked = torch.zeros(len(targets), dtype=torch.float32, device=hidden.device)
+        lse = []
+        for v0 in range(0, vocab, block):
+            bias_block = None if bias is None else bias[v0:v0 + block]
+            logits = torch.nn.functional.linear(hidden, weight[v0:v0 + block].float(),
+                                                _float(bias_block))  # (p, block)
+            lse.append(torch.logsumexp(logits, dim=-1))
+            local = (targets - v0).clamp(0, logits.shape[1] - 1)
+            inside = (targets >= v0) & (targets < v0 + logits.shape[1])
+            picked = torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), picked)
+        return picked - torch.logsumexp(torch.stack(lse, dim=1), dim=1)
+
+    def _model_logits_logprobs(self, ids, mask, positions, targets) -> torch.Tensor:
+        """Fallback for models that post-process logits: the model's own `[rows, T, V]`
+        logits, a few rows at a time so they stay within `head_chunk_bytes`."""
+        rows, length = ids.shape
+        vocab = self.model.config.get_text_config().vocab_size
+        step = max(1, self.head_chunk_bytes // (4 * length * vocab))
+        bounds = torch.searchsorted(positions, torch.arange(0, rows + step, step, device=ids.device) * length)
+        out = torch.empty(len(targets), dtype=torch.float32, device=ids.device)
+        for k, r0 in enumerate(range(0, rows, step)):
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            logits = self.model(input_ids=ids[r0:r0 + step], attention_mask=mask[r0:r0 + step],
+                                use_cache=False).logits  # (step, T, V)
+            picked = logits.reshape(-1, logits.shape[-1])[positions[lo:hi] - r0 * length]
+            out[lo:hi] = _logprob_of(picked.float(), targets[lo:hi])
         return out
 
     @torch.inference_mode()
     def _chunked_head_matches_model(self) -> bool:
         """Models that post-process logits (soft-capping, scaling) are not `lm_head(hidden)`:
         check once on a short sequence and fall back to the model's own logits if so."""
-        if self.lm_head is None or not hasattr(self.model, "base_model"):
+        if not isinstance(self.lm_head, torch.nn.Linear) or not hasattr(self.model, "base_model"):
             return False
         vocab = self.lm_head.weight.shape[0]
         ids = torch.arange(min(16, self.max_length), device=self.device)[None] % vocab
         try:
-            hidden = self.model.base_model(input_ids=ids).last_hidden_state
+            hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
             ours = self.lm_head(hidden).float()
         except Exception as err:  # an architecture whose base model takes other inputs
             warnings.warn(f"chunked LM head unavailable ({err}); using full logits")
             return False
-        theirs = self.model(input_ids=ids).logits.float()
+        theirs = self.model(input_ids=ids, use_cache=False).logits.float()
         if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
             warnings.warn("model post-processes its logits; scoring with full logits (more memory)")
             return False
         return True
 
 
+def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.float()
+
+
 def _logprob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row, fp32: (P, V), (P,) -> (P,)."""
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+_END = object()
+
+
+def _prefetched(items: Iterable, depth: int) -> Iterator:
+    """Iterate `items`, producing up to `depth` of them ahead in a background thread (numpy
+    and torch release the GIL, so building the next batch overlaps the model's forward)."""
+    if depth < 1:
+        yield from items
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # re-raised in the consumer, where it belongs
+            put((_END, err))
+
+    thread = threading.Thread(target=produce, name="scorer-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if item is _END:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import posixpath
+import warnings
 
 from fsspec.core import url_to_fs
 
@@ -57,20 +58,41 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(path: str, *, device: str, dtype: str, trust_remote_code: bool = False):
+    """A checkpoint for inference: weights read straight onto `device` (no full copy in host
+    memory first), in `dtype` (auto: bfloat16 on cuda), with flash attention on cuda where
+    the flash-attn package is installed (packed scoring rows need its varlen kernels)."""
     import torch
     import transformers
     from packaging.version import Version
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, resolve_dtype(dtype, device))
     # transformers 4.56 renamed torch_dtype to dtype (and warns on the old name); we support both
     dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(io.local_copy(path), **{dtype_arg: torch_dtype},
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
+    kwargs = {dtype_arg: getattr(torch, resolve_dtype(dtype, device)), "trust_remote_code": trust_remote_code}
+    if device != "cpu":  # weights straight onto the GPU, never staged in host memory
+        kwargs["device_map"] = device
+    attention = attention_implementation(device)
+    if attention:
+        try:
+            return AutoModelForCausalLM.from_pretrained(io.local_copy(path), attn_implementation=attention,
+                                                        **kwargs).eval()
+        except (ValueError, ImportError) as err:  # an architecture without flash-attention support
+            warnings.warn(f"{path}: {attention} unavailable ({err}); using the model's default attention")
+    return AutoModelForCausalLM.from_pretrained(io.local_copy(path), **kwargs).eval()
+
+
+def attention_implementation(device: str) -> str | None:
+    """flash_attention_2 on cuda when installed; otherwise the model's default (sdpa)."""
+    if device != "cuda":
+        return None
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if is_flash_attn_2_available() else None
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
+    """auto: bfloat16 weights on cuda (the scorer's log-softmax is float32 regardless),
+    float32 on cpu."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if device == "cuda" else "float32"

@@ -21,10 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 from miniplm import __version__, io
 from miniplm.config import describe, field, to_dict
 from miniplm.io import read_instances_manifest
+from miniplm.logprob import PACKING
 from miniplm.models import (DTYPES, check_model_dir, load_model, load_tokenizer, model_fingerprint,
                             resolve_dtype, tokenizer_fingerprint)
 
@@ -40,8 +42,16 @@ class ScoreConfig:
     max_length: int | None = field(None, help="context per forward pass (default: the model's)")
     stride: int | None = field(None, help="tokens each sliding window adds (default: max_length // 2)")
     batch_tokens: int = field(16384, help="padded tokens per forward pass")
-    workers: int = field(1, help="scoring actors (model copies); one GPU each on GPU")
+    workers: int = field(1, help="scoring actors (model copies)")
     cpus_per_worker: float = field(1.0, help="CPUs reserved per scoring actor")
+    gpus_per_worker: float = field(1.0, help="GPUs per scoring actor on cuda; a fraction shares one "
+                                             "GPU between small models (0.25: four copies per GPU)")
+    packing: str = field("auto", help="micro-batch layout: padded (rows padded to the longest window), "
+                                      "packed (windows side by side in one row, no padding; needs "
+                                      "flash attention to pay), or auto (packed on GPU with flash "
+                                      "attention, else padded)")
+    max_tries: int = field(3, help="times a part may be started on a scoring worker; a part whose "
+                                   "worker dies this often (e.g. out of memory) stops the run, named")
     device: str = field("auto", help="cpu, cuda, or auto (cuda when the cluster has GPUs)")
     dtype: str = field("auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16")
     trust_remote_code: bool = field(False, help="allow model code shipped with the checkpoint")
@@ -50,9 +60,13 @@ class ScoreConfig:
     def __post_init__(self):
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.packing not in PACKING:
+            raise ValueError(f"packing must be one of {', '.join(PACKING)}, got {self.packing!r}")
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("batch_tokens", "workers"):
+        for name in ("batch_tokens", "workers", "max_tries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length is not None and self.max_length < 2:
@@ -94,11 +108,32 @@ def _list_of(arrays) -> pa.Array:
     return pa.LargeListArray.from_arrays(offsets, pa.concat_arrays(arrays))
 
 
+class PartKillsWorker(RuntimeError):
+    """A part was started `max_tries` times and its scoring worker died every time."""
+
+
+def _tries_dir(output: str) -> str:
+    return io.join(output, io.TMP, "tries")  # cleared when a run starts and when it finishes
+
+
+def record_try(output: str, part: str) -> int:
+    """Note that `part` is starting on a worker; returns how often it has started in this run.
+    One small file per start, so workers on other machines count together."""
+    import uuid
+
+    fs, root = url_to_fs(_tries_dir(output))
+    with io.writing(root):
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(posixpath.join(root, f"{part}.{uuid.uuid4().hex}"), b"")
+    return len(fs.glob(posixpath.join(root, f"{part}.*")))
+
+
 class ScoreActor:
     """One model copy: loads once, then scores one tokenised part per row."""
 
     def __init__(self, model_path: str, *, device: str, dtype: str, max_length: int, stride: int,
-                 batch_tokens: int, trust_remote_code: bool, num_threads: int):
+                 batch_tokens: int, packing: str, trust_remote_code: bool, num_threads: int,
+                 instances: str, output: str, max_tries: int):
         import torch
 
         from miniplm.logprob import SequenceScorer, prefix_token_id
@@ -108,13 +143,24 @@ class ScoreActor:
         model = load_model(model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         prefix = prefix_token_id(load_tokenizer(model_path, trust_remote_code))
         self.scorer = SequenceScorer(model, max_length=max_length, stride=stride,
-                                     batch_tokens=batch_tokens, prefix_id=prefix)
+                                     batch_tokens=batch_tokens, prefix_id=prefix, packing=packing)
+        self.instances, self.output, self.max_tries = instances, output, max_tries
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.concat_tables(self.score_part(batch.slice(i, 1)) for i in range(batch.num_rows))
 
     def score_part(self, row: pa.Table) -> pa.Table:
         part = row["part"][0].as_py()
+        # Ray restarts a dead worker and retries its part without limit (a lost node must not
+        # end a days-long pass), so a part that kills its worker every time is stopped here
+        tries = record_try(self.output, part)
+        if tries > self.max_tries:
+            raise PartKillsWorker(
+                f"part {part} (instances file {io.join(self.instances, part)}): its scoring worker "
+                f"died {tries - 1} times while scoring it (out of memory? a document the model "
+                f"cannot take?). Parts already scored in {self.output} are kept: fix the cause "
+                "(e.g. a smaller --batch-tokens or more memory per worker) and re-run the same "
+                "command to resume; allow more tries with --max-tries.")
         ids = row["id"][0].values
         tokens = row["input_ids"][0].values  # list<int32>, one entry per instance
         offsets, flat = tokens.offsets.to_numpy(), tokens.values.to_numpy()
@@ -172,7 +218,14 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     if pending:
         ds = _scoring_pipeline(cfg, pending, device=device,
                                dtype=dtype, max_length=max_length, stride=stride)
-        _collect_parts(ds, cfg.output, {n: expected[n] for n in pending}, provenance, on_part_written)
+        try:
+            _collect_parts(ds, cfg.output, {n: expected[n] for n in pending}, provenance, on_part_written)
+        except Exception as err:
+            from miniplm.runtime import unwrap
+
+            if isinstance(unwrap(err), PartKillsWorker):
+                raise unwrap(err) from None  # its message, not Ray's remote traceback
+            raise
 
     manifest = _finish(cfg, provenance, expected, time.time() - started)
     print(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
@@ -193,16 +246,18 @@ def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype:
         ScoreActor,
         fn_constructor_kwargs=dict(model_path=cfg.model, device=device, dtype=dtype,
                                    max_length=max_length, stride=stride,
-                                   batch_tokens=cfg.batch_tokens,
+                                   batch_tokens=cfg.batch_tokens, packing=cfg.packing,
                                    trust_remote_code=cfg.trust_remote_code,
-                                   num_threads=max(1, int(cfg.cpus_per_worker))),
+                                   num_threads=max(1, int(cfg.cpus_per_worker)),
+                                   instances=cfg.instances, output=cfg.output, max_tries=cfg.max_tries),
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         batch_size=1,
         batch_format="pyarrow",
-        num_gpus=1 if device == "cuda" else 0,
+        num_gpus=cfg.gpus_per_worker if device == "cuda" else 0,
         num_cpus=cfg.cpus_per_worker,
         # a lost actor (preempted node, OOM-killed process) is restarted and its part retried
-        # instead of failing a days-long pass; said here, not left to Ray Data's defaults
+        # instead of failing a days-long pass; said here, not left to Ray Data's defaults.
+        # A part that kills its worker every time is bounded by `max_tries` (ScoreActor).
         max_restarts=-1,
         max_task_retries=-1,
     )

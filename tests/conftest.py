@@ -132,6 +132,27 @@ def save_tiny_model(kind: str, tokenizer_dir: pathlib.Path, out: pathlib.Path, *
     return out
 
 
+def save_tiny_qwen2(tokenizer_dir: pathlib.Path, out: pathlib.Path, *, context: int = 64,
+                    seed: int = 0, **overrides) -> pathlib.Path:
+    """A tiny Qwen2 (q/k/v biases, grouped-query attention), saved like a real checkpoint;
+    `overrides` go into its config."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # sharpen the near-uniform random init, as save_tiny_model does
+        model.get_output_embeddings().weight.mul_(8.0)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(documents, tmp_path_factory) -> pathlib.Path:
     return train_tokenizer(documents, tmp_path_factory.mktemp("tok"))
@@ -156,3 +177,8 @@ def corpus_dir(documents, tmp_path_factory) -> pathlib.Path:
     write_jsonl(root / "docs_a.jsonl", [{"text": d} for d in documents[0::2]])
     write_jsonl(root / "docs_b.jsonl", [{"text": d} for d in documents[1::2]])
     return root
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tokenizer_dir, tmp_path_factory) -> pathlib.Path:
+    return save_tiny_qwen2(tokenizer_dir, tmp_path_factory.mktemp("qwen2"))

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from miniplm import io
 from miniplm.logprob import pack_by_tokens, windows
 from miniplm.prepare import PrepareConfig, run_prepare
-from miniplm.score import ScoreConfig, run_score
+from miniplm.score import PartKillsWorker, ScoreConfig, run_score
 
 
 def read_table(root) -> pa.Table:
@@ -140,19 +140,87 @@ def test_refuses_output_of_another_model(instances, llama_dir, gpt2_eos_only_dir
     assert manifest["provenance"]["model"] == str(gpt2_eos_only_dir)
 
 
-def test_chunked_head_equals_full_logits(llama_dir, documents):
-    """The memory-saving path (LM head on scored positions only) changes no number."""
+def load_scorer_inputs(model_dir, documents, n=40):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    texts = documents[:n]
+    seqs = [np.array(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return model, tok, texts, seqs
+
+
+@pytest.mark.parametrize("model_fixture", ["llama_dir", "gpt2_eos_only_dir", "qwen2_dir"])
+def test_packed_rows_equal_padded_rows_and_model_loss(model_fixture, documents, request):
+    """Packed rows (windows side by side, positions restarting per window, no mask) score
+    exactly what padded rows and the model's own `labels=` loss score: attention never
+    crosses from one window into the next, and absolute position embeddings (GPT-2) restart."""
     from miniplm.logprob import SequenceScorer
 
-    model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    tok = AutoTokenizer.from_pretrained(llama_dir)
-    seqs = [np.array(tok(d, add_special_tokens=False)["input_ids"]) for d in documents[:12]]
-    scorer = SequenceScorer(model, max_length=64, stride=16, batch_tokens=256,
-                            prefix_id=tok.bos_token_id, head_chunk_tokens=7)
-    assert scorer.chunked_head
-    chunked = scorer.score(seqs)
-    scorer.chunked_head = False
-    np.testing.assert_allclose(chunked, scorer.score(seqs), rtol=1e-6)
+    model, tok, texts, seqs = load_scorer_inputs(request.getfixturevalue(model_fixture), documents, n=12)
+    L = model.config.max_position_embeddings
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    scores = {}
+    for packing in ("padded", "packed"):
+        scorer = SequenceScorer(model, max_length=L, stride=L // 2, batch_tokens=8 * L,
+                                prefix_id=prefix, packing=packing)
+        assert scorer.chunked_head and scorer.packing == packing
+        scores[packing] = scorer.score(seqs)
+    expected = [reference_logprob(model, tok, t, L, L // 2)[0] for t in texts]
+    assert sum(len(s) + 1 > L for s in seqs) >= 5  # windows were exercised
+    np.testing.assert_allclose(scores["packed"], scores["padded"], rtol=1e-5)
+    np.testing.assert_allclose(scores["packed"], expected, rtol=1e-5)
+    np.testing.assert_allclose(scores["padded"], expected, rtol=1e-5)
+
+
+def test_head_chunks_vocabulary_blocks_and_model_logits_agree(llama_dir, documents):
+    """The memory-bounded LM head (scored positions only, vocabulary in blocks) and the
+    fallback through the model's own logits (a few rows at a time) change no number."""
+    from miniplm.logprob import SequenceScorer
+
+    model, tok, _, seqs = load_scorer_inputs(llama_dir, documents, n=12)
+    vocab = model.config.vocab_size
+
+    def scores(**kw):
+        return SequenceScorer(model, max_length=64, stride=16, batch_tokens=256,
+                              prefix_id=tok.bos_token_id, **kw)
+
+    whole = scores()
+    assert whole.chunked_head
+    reference = whole.score(seqs)
+    # 7 positions per chunk, 7 x 4 bytes x 37 columns per block: the vocabulary in 14 blocks
+    blocks = scores(head_chunk_tokens=7, head_chunk_bytes=7 * 4 * 37)
+    assert vocab > 37 * 13
+    np.testing.assert_allclose(blocks.score(seqs), reference, rtol=1e-6)
+    fallback = scores(head_chunk_bytes=64 * vocab * 4 * 2)  # two 64-token rows of logits per pass
+    fallback.chunked_head = False
+    np.testing.assert_allclose(fallback.score(seqs), reference, rtol=1e-6)
+
+
+def test_model_that_post_processes_logits_is_scored_by_its_own_logits(tokenizer_dir, documents,
+                                                                       tmp_path):
+    """Gemma 2 soft-caps its logits after the LM head: the scorer notices, scores through
+    the model's logits (packed falls back to rows), and still equals the model's own loss."""
+    from transformers import Gemma2Config
+
+    from miniplm.logprob import SequenceScorer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          max_position_embeddings=64, final_logit_softcapping=3.0,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    texts = documents[:8]
+    seqs = [np.array(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    with pytest.warns(UserWarning, match="post-processes its logits"):
+        scorer = SequenceScorer(model, max_length=64, stride=32, batch_tokens=256,
+                                prefix_id=tok.bos_token_id, packing="packed")
+    assert not scorer.chunked_head
+    expected = [reference_logprob(model, tok, t, 64, 32)[0] for t in texts]
+    np.testing.assert_allclose(scorer.score(seqs), expected, rtol=1e-5)
 
 
 def test_windows_score_each_token_once():
@@ -175,6 +243,10 @@ def test_pack_by_tokens_respects_budget():
 def test_bad_arguments_fail_before_work(instances, tmp_path):
     with pytest.raises(ValueError, match="device"):
         ScoreConfig(instances="i", model="m", output="o", device="tpu")
+    for field, value in [("gpus_per_worker", 0), ("gpus_per_worker", 1.5), ("packing", "ragged"),
+                         ("max_tries", 0)]:
+        with pytest.raises(ValueError, match=field):
+            ScoreConfig(instances="i", model="m", output="o", **{field: value})
     with pytest.raises(FileNotFoundError, match="config.json"):
         run_score(ScoreConfig(instances=str(instances), model=str(tmp_path), output=str(tmp_path / "o")))
     with pytest.raises(FileNotFoundError, match="_manifest.json"):
@@ -204,3 +276,163 @@ def test_killed_scoring_actor_is_replaced_and_the_table_is_complete(instances, t
     assert killed and seen_after and killed[0] not in seen_after  # a new process took over
     assert run["rows"] == clean["rows"]
     assert read_table(tmp_path / "run").equals(read_table(tmp_path / "clean"))
+
+
+def fixed_llama():
+    """A Llama whose weights come from numpy's seeded generator, not from transformers' init,
+    so the recorded values below depend only on the model's arithmetic."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape)).astype(np.float32) * 0.3))
+    return model
+
+
+# Recorded from the scorer as it was before the GPU-determinism change (index_add_ on the
+# device), float.hex: the CPU result must stay bit-identical.
+RECORDED = {
+    16: ["-0x1.2cdd400000000p+2", "-0x1.f41e788000000p+4", "-0x1.69908b4000000p+7",
+         "-0x1.80f75be800000p+7", "-0x1.8371964000000p+7", "-0x1.187efa4000000p+8",
+         "-0x1.08eb250800000p+9", "-0x1.27e7318000000p+10", "-0x1.11938ce000000p+6",
+         "-0x1.80d0ded800000p+8"],
+    5: ["-0x1.2cdd400000000p+2", "-0x1.f41e778000000p+4", "-0x1.69908b4000000p+7",
+        "-0x1.80f75be800000p+7", "-0x1.8371964000000p+7", "-0x1.19c1806000000p+8",
+        "-0x1.08eb360400000p+9", "-0x1.2769cde900000p+10", "-0x1.11938d0000000p+6",
+        "-0x1.7da95d5000000p+8"],
+}
+
+
+@pytest.mark.parametrize("stride", [16, 5])
+def test_cpu_scores_are_bit_identical_to_recorded(stride):
+    from miniplm.logprob import SequenceScorer
+
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(3, 300, size=n) for n in (1, 5, 31, 32, 33, 47, 90, 200, 12, 64)]
+    scorer = SequenceScorer(fixed_llama(), max_length=32, stride=stride, batch_tokens=128, prefix_id=1)
+    assert [float(x).hex() for x in scorer.score(seqs)] == RECORDED[stride]
+
+
+KILLER_CODE = """
+import os
+
+from transformers import LlamaForCausalLM
+
+
+class KillerLlamaForCausalLM(LlamaForCausalLM):
+    \"\"\"Ends its own process when it reads token `config.kill_token_id` while the file
+    `config.kill_switch` exists: a document that takes its worker down, as an OOM kill would.\"\"\"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.embed_tokens.register_forward_pre_hook(self._die_on_marker)
+
+    def _die_on_marker(self, module, args):
+        if os.path.exists(self.config.kill_switch) and bool((args[0] == self.config.kill_token_id).any()):
+            os._exit(1)
+"""
+
+
+def save_killer_model(tokenizer_dir, out, kill_switch):
+    """A tiny Llama shipped with its own modeling code (loaded with trust_remote_code) whose
+    process dies on the special token `<kill>` while `kill_switch` exists."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<kill>"]})
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    config.kill_token_id = tok.convert_tokens_to_ids("<kill>")
+    config.kill_switch = str(kill_switch)
+    config.auto_map = {"AutoModelForCausalLM": "modeling_killer.KillerLlamaForCausalLM"}
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "modeling_killer.py").write_text(KILLER_CODE)
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_part_that_kills_its_worker_every_time_fails_naming_it_and_resumes_once_fixed(
+        documents, tokenizer_dir, tmp_path, ray_session):
+    switch = tmp_path / "kill_switch"
+    model_dir = save_killer_model(tokenizer_dir, tmp_path / "model", switch)
+    docs = [{"text": d} for d in documents[:30]]
+    docs[14]["text"] += " <kill> "  # the second part's fifth document
+    write_jsonl(tmp_path / "raw" / "docs.jsonl", docs)
+    instances = tmp_path / "instances"
+    run_prepare(PrepareConfig(inputs=[str(tmp_path / "raw")], output=str(instances), max_chars=1500,
+                              rows_per_part=10))
+    parts = [p["name"] for p in io.read_json(str(instances / io.MANIFEST))["parts"]]
+    bad = next(p for p in parts if "<kill>" in " ".join(pq.read_table(instances / p)["text"].to_pylist()))
+
+    def config(output, **kw):
+        return ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output),
+                           cpus_per_worker=0.5, batch_tokens=2048, trust_remote_code=True, **kw)
+
+    clean = run_score(config(tmp_path / "clean"))  # the switch is off: nothing dies
+
+    switch.touch()
+    with pytest.raises(PartKillsWorker, match=rf"^part {bad} \(instances file {instances / bad}\): .* died 2 times") as failure:
+        run_score(config(tmp_path / "run", max_tries=2))
+    assert "re-run" in str(failure.value)
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("part-*.parquet")}
+    assert bad not in kept and not (tmp_path / "run" / io.MANIFEST).exists()
+
+    switch.unlink()  # the cause is fixed: the same command resumes
+    rescored = []
+    resumed = run_score(config(tmp_path / "run", max_tries=2), on_part_written=rescored.append)
+    assert bad in rescored and set(rescored) == set(parts) - set(kept)
+    assert all((tmp_path / "run" / n).stat().st_mtime_ns == t for n, t in kept.items())
+    assert read_table(tmp_path / "run").equals(read_table(tmp_path / "clean"))
+    assert resumed["rows"] == clean["rows"]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@cuda
+def test_cuda_model_loads_in_bf16_straight_onto_the_gpu(llama_dir):
+    from miniplm.models import load_model
+
+    model = load_model(str(llama_dir), device="cuda", dtype="auto")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@cuda
+@pytest.mark.parametrize("packing", ["padded", "packed"])
+def test_cuda_scores_equal_cpu_scores_and_repeat_bit_for_bit(llama_dir, documents, packing):
+    from miniplm.logprob import SequenceScorer
+    from miniplm.models import load_model
+
+    model, tok, _, seqs = load_scorer_inputs(llama_dir, documents, n=12)
+
+    def scorer(model):
+        return SequenceScorer(model, max_length=64, stride=32, batch_tokens=512,
+                              prefix_id=tok.bos_token_id, packing=packing)
+
+    cpu = scorer(model).score(seqs)
+    fp32 = scorer(load_model(str(llama_dir), device="cuda", dtype="float32"))
+    first = fp32.score(seqs)
+    assert first.tobytes() == fp32.score(seqs).tobytes()  # no atomics in the reduction
+    np.testing.assert_allclose(first, cpu, rtol=1e-4)
+    bf16 = scorer(load_model(str(llama_dir), device="cuda", dtype="bfloat16")).score(seqs)
+    np.testing.assert_allclose(bf16, cpu, rtol=5e-2)  # bf16 weights, float32 log-softmax
+
+
+@cuda
+def test_cuda_score_stage_shares_one_gpu_between_two_workers(instances, llama_dir, tmp_path):
+    cpu = score(instances, llama_dir, tmp_path / "cpu", device="cpu")
+    gpu = score(instances, llama_dir, tmp_path / "gpu", device="cuda", dtype="float32", workers=2,
+                gpus_per_worker=0.5)
+    assert gpu["rows"] == cpu["rows"]
+    np.testing.assert_allclose(read_table(tmp_path / "gpu")["logprob"].to_numpy(),
+                               read_table(tmp_path / "cpu")["logprob"].to_numpy(), rtol=1e-4)
