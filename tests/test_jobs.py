@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import pyarrow.parquet as pq
@@ -46,6 +47,8 @@ def ray_head():
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # any HTTP answer means it is up (401 under token auth)
             break
         except OSError:
             if time.time() > deadline or head.poll() is not None:
