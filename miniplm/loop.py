@@ -19,11 +19,13 @@ from miniplm.train import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    """Linear warmup to lr, then cosine decay that lands on lr * min_lr_ratio at the last step
+    (step total_steps - 1, the last one taken)."""
     o = cfg.optim
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, cfg.total_steps - o.warmup_steps)
+    decay_steps = cfg.total_steps - 1 - o.warmup_steps
+    progress = (step - o.warmup_steps) / decay_steps if decay_steps > 0 else 1.0
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -78,7 +80,7 @@ def train_loop(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()  # set on a re-run and after a worker failure
     if checkpoint:
         with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False)
+            saved = load_state(os.path.join(d, "state.pt"))
         raw_model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -153,6 +155,16 @@ def train_loop(loop_config: dict) -> None:
         bar.close()
         metrics.flush()
         save_final(raw_model, cfg)
+
+
+def load_state(path: str) -> dict:
+    """A checkpoint's model, optimizer, counters and RNG state, on the host (load_state_dict
+    copies to the model's device; the RNG state must stay a CPU tensor). weights_only: a
+    checkpoint on shared or object storage must not be able to run code on every worker
+    that restores it."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def save_final(model, cfg: TrainConfig) -> None:

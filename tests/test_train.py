@@ -71,7 +71,7 @@ def test_loss_drops_and_final_checkpoint_scores(corpus, clean_run, tmp_path):
     assert rows[-1]["tokens"] == STEPS * 512 and rows[-1]["passes"] == 1
     assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows)
     assert rows[19]["eval_loss"] > rows[-1]["eval_loss"]
-    assert rows[10]["lr"] > rows[-1]["lr"] >= 3e-3 * 0.1 - 1e-12  # cosine to the floor
+    assert rows[10]["lr"] > rows[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # cosine to the floor
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.vocab_size == len(__import__("transformers").AutoTokenizer.from_pretrained(out / "final"))
@@ -191,3 +191,36 @@ def test_bad_configs_fail_before_work(corpus, tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="data.seq_len: 64 exceeds the model's context 32"):
         run_train(config(corpus, tokenizer_dir, out, "steps=1", f"model.config={small}"))
     assert not out.exists()
+
+
+def test_cosine_schedule_lands_on_its_floor_at_the_last_step(corpus, tokenizer_dir, tmp_path):
+    from miniplm.loop import lr_at
+
+    for steps, warmup in ((100, 10), (12, 10), (11, 10), (1, 0)):
+        cfg = config(corpus, tokenizer_dir, tmp_path, f"steps={steps}", f"optim.warmup_steps={warmup}")
+        lrs = [lr_at(s, cfg) for s in range(steps)]
+        assert lrs[-1] == pytest.approx(3e-3 * 0.1, rel=1e-12), (steps, warmup)
+        assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))  # decays monotonically
+        if steps > warmup + 1:
+            assert max(lrs) == pytest.approx(3e-3)
+
+
+def test_a_checkpoint_cannot_run_code_when_restored(tmp_path):
+    import torch
+
+    from miniplm.loop import load_state
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": {}, "state": {"step": 1}, "rng": torch.get_rng_state(), "x": Payload()},
+               tmp_path / "state.pt")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        load_state(str(tmp_path / "state.pt"))
+    assert not marker.exists()
+    plain = {"model": {"w": torch.ones(2)}, "state": {"step": 3, "tokens": 7}, "rng": torch.get_rng_state()}
+    torch.save(plain, tmp_path / "ok.pt")
+    assert load_state(str(tmp_path / "ok.pt"))["state"] == {"step": 3, "tokens": 7}
