@@ -29,6 +29,8 @@ class EvalConfig:
     output: str = field(path=True, help="JSON file for the results (scores go to a folder beside it)")
     tasks: list[str] = field([], help="lm-eval tasks: names, local task YAML files, or `paper`")
     limit: int | None = field(None, help="lm-eval: at most this many examples per task")
+    max_length: int | None = field(None, help="context per forward pass (default: the model's declared "
+                                              "context; longer texts are scored with a sliding window)")
     batch_tokens: int = field(16384, help="padded tokens per forward pass")
     cpus_per_worker: float = field(1.0, help="CPUs of the scoring actor")
     device: str = field("auto", help="cpu, cuda or auto")
@@ -42,7 +44,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     instances = read_instances_manifest(cfg.data)
     scores_dir = posixpath.splitext(cfg.output)[0] + ".scores"
     scores = run_score(ScoreConfig(instances=cfg.data, model=cfg.model, output=scores_dir,
-                                   batch_tokens=cfg.batch_tokens, cpus_per_worker=cfg.cpus_per_worker,
+                                   max_length=cfg.max_length, batch_tokens=cfg.batch_tokens, cpus_per_worker=cfg.cpus_per_worker,
                                    device=cfg.device, overwrite=_stale(scores_dir, cfg.model)))
     logprob = scores["logprob"]  # summed by the score stage as it checked its table
     n_bytes = instances["bytes"]

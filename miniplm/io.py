@@ -279,5 +279,32 @@ def hash_files(urls: Iterable[str], chunk: int = 1 << 22) -> str:
     return h.hexdigest()[:32]
 
 
+def hash_files_cached(urls: list[str]) -> str:
+    """`hash_files`, remembered on this machine by the files' identity (path, size and mtime,
+    or the store's version tag): a no-op re-run does not read a multi-GB checkpoint again, and
+    a file rewritten in place is read again."""
+    identity = [(url, *_file_identity(url)) for url in urls]
+    memo = os.path.join(cache_dir(), "fingerprints", hash_json(identity))
+    if os.path.exists(memo):
+        with open(memo) as f:
+            return f.read().strip()
+    digest = hash_files(urls)
+    os.makedirs(os.path.dirname(memo), exist_ok=True)
+    tmp = f"{memo}.{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        f.write(digest)
+    os.replace(tmp, memo)
+    return digest
+
+
+def _file_identity(url: str) -> tuple:
+    if is_local(url):
+        st = os.stat(local_path(url))
+        return st.st_size, st.st_mtime_ns, st.st_ino
+    fs, path = url_to_fs(url)
+    info = fs.info(path)
+    return info.get("size"), str(_version_tag(info))
+
+
 def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -92,12 +92,22 @@ def prefix_token_id(tokenizer) -> int:
     return int(token)
 
 
-def context_length(config) -> int | None:
+def position_limit(config) -> int | None:
+    """The most positions the architecture can take (its position table or rotary range)."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def context_length(config) -> int | None:
+    """The context a model works in: the one it was trained on where its checkpoint declares it
+    (`trained_context`, written by `miniplm train`), else its architecture's limit."""
+    limit, trained = position_limit(config), getattr(config, "trained_context", None)
+    if isinstance(trained, int) and trained > 0:
+        return min(trained, limit) if limit else trained
+    return limit
 
 
 def default_packing(model) -> str:

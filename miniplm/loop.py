@@ -14,6 +14,7 @@ import fsspec
 
 from miniplm import io
 from miniplm.models import count_params, load_tokenizer
+from miniplm.sampler import CacheSampler
 from miniplm.tokens import read_sequences
 from miniplm.train import TrainConfig
 
@@ -81,6 +82,8 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             saved = load_state(os.path.join(d, "state.pt"))
+        if saved.get("run") != loop_config["run"]:  # run_train checks first; this guards a stray restore
+            raise RuntimeError(f"train: the checkpoint in {cfg.output} belongs to a run with other settings")
         raw_model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
@@ -98,7 +101,10 @@ def train_loop(loop_config: dict) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
 
     resumed_from = state["step"]
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, state)
+    cache_root, cache_manifest = loop_config["cache"]
+    sampler = CacheSampler(cache_root, cache_manifest, seed=cfg.seed, rank=rank, world=world,
+                           window=cfg.data.shuffle_window, micro_batch=cfg.micro_batch)
+    batches = micro_batches(sampler, state)
     seq_tokens = cfg.micro_batch * cfg.data.seq_len
     bar = _progress(rank, cfg.total_steps, state["step"])
     last_time = time.perf_counter()
@@ -150,7 +156,7 @@ def train_loop(loop_config: dict) -> None:
         if checkpoint_now:
             if rank == 0:
                 metrics.flush()
-            save_checkpoint(raw_model, opt, state, rank, row)
+            save_checkpoint(raw_model, opt, state, rank, row, loop_config["run"])
     if rank == 0:
         bar.close()
         metrics.flush()
@@ -178,24 +184,15 @@ def save_final(model, cfg: TrainConfig) -> None:
             io.upload_dir(d, final)
 
 
-def micro_batches(shard, cfg: TrainConfig, state: dict):
-    """Endless micro-batches of (B, T) token ids: passes over the corpus repeat, and a resumed
-    run skips what the checkpointed run already consumed in the current pass."""
+def micro_batches(sampler: CacheSampler, state: dict):
+    """Endless (B, T) micro-batches: passes over the corpus repeat, each in its own order, and a
+    resumed run starts where the checkpointed one stopped without reading what came before."""
     import torch
 
-    skip = state["batches_in_epoch"]
     while True:
-        n = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch, drop_last=True,
-                                              dtypes=torch.long):
-            n += 1
-            if n <= skip:
-                continue
-            state["batches_in_epoch"] = n
-            yield batch["input_ids"]
-        if n == 0:
-            raise RuntimeError("train: this worker's share of the corpus holds less than one micro-batch")
-        skip = 0
+        for batch in sampler.epoch_batches(state["epoch"], start=state["batches_in_epoch"]):
+            state["batches_in_epoch"] += 1
+            yield torch.from_numpy(batch)
         state["epoch"] += 1
         state["batches_in_epoch"] = 0
 
@@ -223,7 +220,7 @@ def eval_loss(model, seqs, micro_batch: int, device) -> float:
     return total / n
 
 
-def save_checkpoint(model, opt, state: dict, rank: int, metrics: dict) -> None:
+def save_checkpoint(model, opt, state: dict, rank: int, metrics: dict, run: str) -> None:
     """Rank 0 writes the state; every rank reports (ray.train.report is a barrier)."""
     import ray.train
     import torch
@@ -232,7 +229,7 @@ def save_checkpoint(model, opt, state: dict, rank: int, metrics: dict) -> None:
         checkpoint = None
         if rank == 0:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
-                        "rng": torch.get_rng_state()}, os.path.join(d, "state.pt"))
+                        "rng": torch.get_rng_state(), "run": run}, os.path.join(d, "state.pt"))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{state['step']:08d}")
 

@@ -105,13 +105,14 @@ def check_model_dir(path: str) -> None:
 
 
 def model_fingerprint(path: str) -> str:
-    """Config + weights content: the same checkpoint copied elsewhere keeps its fingerprint."""
+    """Config + weights content: the same checkpoint copied elsewhere keeps its fingerprint.
+    Remembered by file identity, so re-runs do not re-read the weights."""
     fs, root = url_to_fs(path)
     weights = sorted(p for p in fs.ls(root, detail=False)
                      if p.endswith((".safetensors", ".bin", ".pt")) and "training_args" not in p)
     if not weights:
         raise FileNotFoundError(f"--model {path}: no weight files (*.safetensors, *.bin)")
-    return io.hash_files([fs.unstrip_protocol(p) for p in (posixpath.join(root, "config.json"), *weights)])
+    return io.hash_files_cached([fs.unstrip_protocol(p) for p in (posixpath.join(root, "config.json"), *weights)])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -147,7 +148,7 @@ def model_config(spec: ModelSpec, tokenizer, seq_len: int):
     """The HF config to build, checked against the tokenizer and the sequence length."""
     from transformers import AutoConfig
 
-    from miniplm.logprob import context_length
+    from miniplm.logprob import position_limit
 
     specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
@@ -165,9 +166,11 @@ def model_config(spec: ModelSpec, tokenizer, seq_len: int):
         config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), tie_word_embeddings=True,
                                       **specials, **kwargs)
         where = f"model.preset {spec.preset}"
-    context = context_length(config)
+    context = position_limit(config)
     if context is not None and seq_len > context:
         raise ValueError(f"data.seq_len: {seq_len} exceeds the model's context {context} ({where})")
+    # declared in the checkpoint, so score and eval default to the context it was trained on
+    config.trained_context = seq_len
     for name in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(config, name):
             setattr(config, name, 0.0)

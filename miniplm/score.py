@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import posixpath
 import time
+import warnings
 from typing import Callable
 
 import fsspec
@@ -190,8 +191,11 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     check_model_dir(cfg.model)
     from transformers import AutoConfig
 
-    max_length = cfg.max_length or context_length(AutoConfig.from_pretrained(
-        io.local_copy(cfg.model), trust_remote_code=cfg.trust_remote_code)) or 2048
+    model_cfg = AutoConfig.from_pretrained(io.local_copy(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    max_length = cfg.max_length or context_length(model_cfg) or 2048
+    if max_length > (context_length(model_cfg) or max_length):
+        warnings.warn(f"score: max_length {max_length} is past {cfg.model}'s declared context "
+                      f"{context_length(model_cfg)}: positions it never trained on score worse")
     stride = cfg.stride or max(1, max_length // 2)
     init_ray()
     device = cfg.device

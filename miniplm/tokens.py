@@ -1,6 +1,12 @@
 """The token cache: an instances dataset tokenised with a model's tokenizer and packed into
-fixed-length sequences (EOS after every document), written once by Ray Data tasks as Parquet
-parts that training streams from."""
+fixed-length sequences, written once by Ray Data tasks as Parquet parts that training reads.
+
+Every document is packed as `[BOS] text EOS` (BOS only where the tokenizer has one), so a
+model trained here sees each document start exactly as the score stage presents it
+(`logprob.prefix_token_id`: BOS, or EOS where there is none). A cache depends only on its
+content (instances, tokenizer, seq_len, subset), so every run that needs the same one shares
+it; the order training reads it in is the sampler's business (`miniplm.sampler`).
+"""
 
 from __future__ import annotations
 
@@ -17,17 +23,28 @@ from miniplm import io
 from miniplm.config import field
 from miniplm.models import load_tokenizer, tokenizer_fingerprint
 
+PACKING = 2  # the packing format's version: a change makes every older cache a miss
+
 
 @dataclasses.dataclass(kw_only=True)
 class DataSpec:
     path: str = field(path=True, help="instances dataset to train on (prepare or select output)")
     seq_len: int = field(256, help="tokens per packed training sequence")
     fraction: float = field(1.0, help="train on a seeded random subset of this fraction")
-    seed: int = field(0, help="seed of the subset and of the sequence order")
+    seed: int = field(0, help="seed of the subset (fraction < 1)")
+    shuffle_window: int = field(8, help="token-cache parts mixed and shuffled together in each pass "
+                                        "(memory: this many parts per worker)")
+
+    def __post_init__(self):
+        if self.shuffle_window < 1:
+            raise ValueError(f"data.shuffle_window must be >= 1, got {self.shuffle_window}")
 
 
 def cache_key(cfg_data: DataSpec, instances_fp: str, tokenizer_fp: str) -> str:
-    key = json.dumps([instances_fp, tokenizer_fp, cfg_data.seq_len, cfg_data.fraction, cfg_data.seed])
+    """What the cache's content depends on, and nothing else (the subset seed only when there
+    is a subset), so runs that differ in anything else share it."""
+    subset = [cfg_data.fraction, cfg_data.seed] if cfg_data.fraction < 1 else None
+    key = json.dumps([PACKING, instances_fp, tokenizer_fp, cfg_data.seq_len, subset])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -40,68 +57,77 @@ def in_subset(ids: list[str], fraction: float, seed: int) -> np.ndarray:
     return np.array(h, dtype=np.float64) / 2.0**64 < fraction
 
 
+def document_stream(token_ids: list[list[int]], bos: int | None, eos: int) -> np.ndarray:
+    """Documents back to back as `[BOS] doc EOS`: one int32 token stream."""
+    head = () if bos is None else (bos,)
+    return np.fromiter((t for doc in token_ids for t in (*head, *doc, eos)), dtype=np.int32)
+
+
 def pack_part(batch: dict, tokenizer_path: str, seq_len: int, fraction: float, seed: int,
               output: str) -> dict:
-    """CPU task: one instances part -> packed `seq_len` sequences (EOS after every document),
-    shuffled with a seed; the partial last sequence is dropped and counted."""
+    """CPU task: one instances part -> packed `seq_len` sequences in document order; the
+    partial last sequence is dropped and counted. The part's stats travel in its own Parquet
+    metadata, so a part and its stats become final together (a killed build loses neither)."""
     tok = load_tokenizer(tokenizer_path)
-    stats = []
+    names = []
     for part, url in zip(batch["part"], batch["url"]):
         with fsspec.open(str(url), "rb") as f:
             table = pq.read_table(f, columns=["id", "text"])
         keep = in_subset(table["id"].to_pylist(), fraction, seed)
         texts = [t for t, k in zip(table["text"].to_pylist(), keep) if k]
         ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        stream = np.fromiter((t for doc in ids for t in (*doc, tok.eos_token_id)), dtype=np.int32)
+        stream = document_stream(ids, tok.bos_token_id, tok.eos_token_id)
         n_seq = len(stream) // seq_len
-        seqs = stream[: n_seq * seq_len].reshape(n_seq, seq_len)
-        rng = np.random.default_rng([seed, int(hashlib.md5(str(part).encode()).hexdigest()[:8], 16)])
-        seqs = seqs[rng.permutation(n_seq)]
-        values = pa.array(seqs.reshape(-1))
-        column = pa.FixedSizeListArray.from_arrays(values, seq_len)
-        io.write_parquet(io.join(output, str(part)), pa.table({"input_ids": column}))
-        stats.append(json.dumps({"part": str(part), "sequences": n_seq, "documents": len(texts),
-                                 "tokens": int(len(stream)), "dropped_tokens": int(len(stream) - n_seq * seq_len)}))
-    return {"stats": stats}
+        column = pa.FixedSizeListArray.from_arrays(pa.array(stream[: n_seq * seq_len]), seq_len)
+        stats = {"part": str(part), "sequences": n_seq, "documents": len(texts),
+                 "tokens": int(len(stream)), "dropped_tokens": int(len(stream) - n_seq * seq_len)}
+        io.write_parquet(io.join(output, str(part)), pa.table({"input_ids": column}), metadata=stats)
+        names.append(str(part))
+    return {"part": names}
 
 
-def build_token_cache(data: DataSpec, tokenizer_path: str, output: str) -> tuple[str, dict]:
-    """Tokenise + pack an instances dataset once (skipped when already built)."""
+def build_token_cache(data: DataSpec, tokenizer_path: str, cache_root: str) -> tuple[str, dict]:
+    """Tokenise + pack an instances dataset once into `cache_root/<key>` (reused when built;
+    a killed build resumes with the parts it finished)."""
     import ray
 
     instances = io.read_instances_manifest(data.path)
     key = cache_key(data, instances["fingerprint"], tokenizer_fingerprint(load_tokenizer(tokenizer_path)))
-    root = io.join(output, "tokens", key)
+    root = io.join(cache_root, key)
     if io.exists(io.join(root, io.MANIFEST)):
         return root, io.read_json(io.join(root, io.MANIFEST))
     done = {p.rsplit("/", 1)[-1] for p in io.list_parts(root)}
     todo = [{"part": p["name"], "url": io.join(data.path, p["name"])}
             for p in instances["parts"] if p["name"] not in done]
-    stats = {}
-    if io.exists(io.join(root, "_stats.json")):
-        stats = io.read_json(io.join(root, "_stats.json"))
     if todo:
+        print(f"tokens: packing {len(todo)} of {len(instances['parts'])} parts -> {root}", flush=True)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(pack_part, fn_kwargs=dict(tokenizer_path=tokenizer_path, seq_len=data.seq_len,
                                                       fraction=data.fraction, seed=data.seed, output=root),
                             batch_size=1, num_cpus=0.5)
-        for row in ds.iter_rows():
-            s = json.loads(row["stats"])
-            stats[s["part"]] = s
-            io.write_json(io.join(root, "_stats.json"), stats)
-    parts = [{"name": p["name"], "rows": stats[p["name"]]["sequences"]} for p in instances["parts"]]
+        for _ in ds.iter_rows():
+            pass
+    stats = [io.read_parquet_metadata(io.join(root, p["name"])) for p in instances["parts"]]
+    parts = [{"name": s["part"], "rows": s["sequences"]} for s in stats]
     manifest = {"instances": data.path, "instances_fingerprint": instances["fingerprint"],
                 "tokenizer": tokenizer_path, "seq_len": data.seq_len, "fraction": data.fraction,
-                "seed": data.seed, "parts": parts,
+                "seed": data.seed if data.fraction < 1 else None, "packing": PACKING, "parts": parts,
                 "sequences": sum(p["rows"] for p in parts),
-                "documents": sum(s["documents"] for s in stats.values()),
-                "tokens": sum(s["tokens"] for s in stats.values()),
-                "dropped_tokens": sum(s["dropped_tokens"] for s in stats.values())}
+                "documents": sum(s["documents"] for s in stats),
+                "tokens": sum(s["tokens"] for s in stats),
+                "dropped_tokens": sum(s["dropped_tokens"] for s in stats)}
     if manifest["sequences"] == 0:
         raise ValueError(f"data.path: {data.path} yields no {data.seq_len}-token sequence "
                          f"(fraction {data.fraction}); lower data.seq_len or add data")
     io.write_manifest(root, manifest)
     return root, manifest
+
+
+def read_part(root: str, name: str) -> np.ndarray:
+    """(rows, seq_len) int32 token ids of one cache part."""
+    with fsspec.open(io.join(root, name), "rb") as f:
+        col = pq.read_table(f)["input_ids"].combine_chunks()
+    return col.values.to_numpy().reshape(len(col), -1)
 
 
 def read_sequences(root: str, manifest: dict, limit: int | None = None) -> np.ndarray:
@@ -110,10 +136,9 @@ def read_sequences(root: str, manifest: dict, limit: int | None = None) -> np.nd
     for part in manifest["parts"]:
         if not part["rows"]:
             continue
-        with fsspec.open(io.join(root, part["name"]), "rb") as f:
-            col = pq.read_table(f)["input_ids"].combine_chunks()
-        out.append(col.values.to_numpy().reshape(len(col), -1))
-        n += len(col)
+        seqs = read_part(root, part["name"])
+        out.append(seqs)
+        n += len(seqs)
         if limit and n >= limit:
             break
     seqs = np.concatenate(out).astype(np.int64)

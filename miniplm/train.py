@@ -4,8 +4,8 @@ One loop (`miniplm.loop`) serves teacher, reference and students. The model is a
 `AutoModelForCausalLM.from_config` built from a preset or a config file, with the vocabulary
 of a local tokenizer (`miniplm.models`). Data: Ray Data tokenises every instances part with
 that tokenizer and packs the tokens into fixed `seq_len` sequences once, into a token cache
-(`miniplm.tokens`); workers stream it through `get_dataset_shard`. The budget is tokens or
-steps, never epochs; a corpus smaller than the budget repeats. Checkpoints go through Ray
+(`miniplm.tokens`), shared by every run that needs the same one; each worker reads its share
+in a per-pass seeded order (`miniplm.sampler`). The budget is tokens or steps, never epochs; a corpus smaller than the budget repeats. Checkpoints go through Ray
 Train into `OUTPUT/ray/`; re-running the same command resumes from the latest. The final
 model is a standard HF checkpoint in `OUTPUT/final`.
 """
@@ -24,6 +24,10 @@ from miniplm.models import PRESETS, ModelSpec, load_tokenizer_checked, model_con
 from miniplm.tokens import DataSpec, build_token_cache
 
 DONE = "_done.json"
+RUN = "_run.json"
+# settings that do not change what is trained: a re-run may differ in these and still resume
+NOT_SHAPING = {"output", "eval", "checkpoint_every", "keep_checkpoints", "log_every", "max_failures",
+               "peak_flops", "torch_threads", "cpus_per_worker", "token_cache", "overwrite"}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -62,12 +66,16 @@ class TrainConfig:
                                                  "cpus_per_worker, at least 1). More than the "
                                                  "reserved CPUs lets training use cores that Ray "
                                                  "Data's streaming tasks leave idle most of the time")
-    seed: int = field(0, help="model init and data order seed")
+    seed: int = field(0, help="model init and data order seed (each pass: its own order)")
+    token_cache: str | None = field(None, path=True, help="root of token caches, shared by runs "
+                                                          "on the same data (default: OUTPUT/tokens)")
     checkpoint_every: int = field(50, help="checkpoint every this many steps")
     keep_checkpoints: int = field(2, help="checkpoints kept (latest)")
     log_every: int = field(1, help="write a metrics line every this many steps")
     max_failures: int = field(0, help="worker failures survived by restoring the last checkpoint")
     peak_flops: float | None = field(None, help="per-worker peak FLOP/s for MFU (default: measured)")
+    overwrite: bool = field(False, help="start afresh in an output made with other settings "
+                                        "(the token cache is kept: it is keyed by its content)")
 
     def __post_init__(self):
         if self.model.preset is None and self.model.config is None:
@@ -115,6 +123,54 @@ def ray_storage(output: str) -> dict:
     return {"storage_path": path, "storage_filesystem": io.arrow_filesystem(fs)}
 
 
+def run_settings(cfg: TrainConfig, hf_config, tokenizer, instances_fp: str) -> dict:
+    """Everything that shapes a run's trajectory (model, data content, budget, schedule, batch,
+    seed), flat: a checkpoint resumes only into a run with the same settings."""
+    from miniplm.config import to_dict
+    from miniplm.models import tokenizer_fingerprint
+
+    settings = {k: v for k, v in flatten(to_dict(cfg)).items() if k.split(".")[0] not in NOT_SHAPING}
+    settings.pop("data.path")  # where the data is does not matter, what it is does
+    settings["data.instances_fingerprint"] = instances_fp
+    settings["model.tokenizer"] = tokenizer_fingerprint(tokenizer)
+    settings["model.config"] = io.hash_json(hf_config.to_dict())
+    settings["total_steps"] = cfg.total_steps
+    return settings
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def claim_run(cfg: TrainConfig, settings: dict) -> None:
+    """Resume only what these settings would have produced: a run folder made with other
+    settings is refused, naming what differs, unless `overwrite` starts it afresh."""
+    run_path = io.join(cfg.output, RUN)
+    previous = io.read_json(run_path)["settings"] if io.exists(run_path) else None
+    started = previous is not None or io.exists(io.join(cfg.output, "ray"))
+    if started and previous != settings:
+        if not cfg.overwrite:
+            changed = sorted(k for k in set(settings) | set(previous or {})
+                             if (previous or {}).get(k) != settings.get(k))
+            raise ValueError(
+                f"train: {cfg.output} holds a run made with other settings (differs in: "
+                f"{', '.join(changed) if previous else 'unknown: no ' + RUN}); its checkpoints would "
+                "resume into this one. Set overwrite=true (or remove the folder) to start afresh, "
+                "or give another output")
+        for name in ("ray", "final", "metrics.jsonl", DONE, RUN, "config.json"):
+            path = io.join(cfg.output, name)
+            if io.exists(path):
+                io.remove_dir(path)
+        print(f"train: overwrite: {cfg.output} starts afresh", flush=True)
+    io.write_json(run_path, {"settings": settings})
+
+
 def run_train(cfg: TrainConfig) -> dict:
     """Check the config, build the token caches, run the Ray Train job; returns a summary."""
     import ray
@@ -128,10 +184,13 @@ def run_train(cfg: TrainConfig) -> dict:
     print(describe(cfg), flush=True)
     tokenizer = load_tokenizer_checked(cfg.model.tokenizer)
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len)  # fails before Ray starts
+    settings = run_settings(cfg, hf_config, tokenizer, io.read_instances_manifest(cfg.data.path)["fingerprint"])
     done_path = io.join(cfg.output, DONE)
-    if io.exists(done_path) and io.read_json(done_path)["train"] == to_dict(cfg):
+    if (io.exists(done_path) and io.read_json(done_path)["train"] == to_dict(cfg)
+            and io.exists(io.join(cfg.output, RUN)) and io.read_json(io.join(cfg.output, RUN))["settings"] == settings):
         print(f"train: {cfg.output} is already complete; nothing to do")
         return io.read_json(done_path)
+    claim_run(cfg, settings)
     io.write_json(io.join(cfg.output, "config.json"),
                   {"train": to_dict(cfg), "model": hf_config.to_dict(), "version": __version__})
     init_ray()
@@ -142,25 +201,21 @@ def run_train(cfg: TrainConfig) -> dict:
                          f"leave none of the cluster's {total_cpus:g} CPUs for streaming the data; "
                          "lower cpus_per_worker or num_workers")
     started = time.time()
-    cache, cache_manifest = build_token_cache(cfg.data, cfg.model.tokenizer, cfg.output)
+    cache_root = cfg.token_cache or io.join(cfg.output, "tokens")
+    cache, cache_manifest = build_token_cache(cfg.data, cfg.model.tokenizer, cache_root)
     eval_cache = None
     if cfg.eval.data:
         eval_spec = DataSpec(path=cfg.eval.data, seq_len=cfg.data.seq_len)
-        eval_cache = build_token_cache(eval_spec, cfg.model.tokenizer, cfg.output)
+        eval_cache = build_token_cache(eval_spec, cfg.model.tokenizer, cache_root)
     print(f"train: {cache_manifest['sequences']} sequences of {cfg.data.seq_len} tokens "
           f"({cache_manifest['documents']} documents); {cfg.total_steps} steps of {cfg.batch_tokens} "
           f"tokens = {cfg.total_steps * cfg.batch_tokens / max(1, cache_manifest['sequences'] * cfg.data.seq_len):.2f} passes",
           flush=True)
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the same data order on a resumed run
-    parts = [io.join(cache, p["name"]) for p in cache_manifest["parts"] if p["rows"]]
-    # parts follow the corpus files (often one source each): shuffle globally, seeded, so every
-    # step mixes sources and a resumed run sees the same order
-    dataset = ray.data.read_parquet(parts).random_shuffle(seed=cfg.data.seed)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "hf_config": hf_config, "eval_cache": eval_cache},
+        train_loop_config={"cfg": to_dict(cfg), "hf_config": hf_config, "eval_cache": eval_cache,
+                           "cache": (cache, cache_manifest), "run": io.hash_json(settings)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
@@ -168,8 +223,6 @@ def run_train(cfg: TrainConfig) -> dict:
             name="ray", **ray_storage(cfg.output),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
-        datasets={"train": dataset},
-        dataset_config=ray.train.DataConfig(execution_options=ctx.execution_options),
     )
     result = trainer.fit()
     if result.error:

@@ -436,3 +436,24 @@ def test_cuda_score_stage_shares_one_gpu_between_two_workers(instances, llama_di
     assert gpu["rows"] == cpu["rows"]
     np.testing.assert_allclose(read_table(tmp_path / "gpu")["logprob"].to_numpy(),
                                read_table(tmp_path / "cpu")["logprob"].to_numpy(), rtol=1e-4)
+
+
+def test_model_fingerprint_is_remembered_by_file_identity(llama_dir, tmp_path, monkeypatch):
+    """A no-op re-run does not read the weights again; a checkpoint rewritten in place is read."""
+    import shutil
+
+    from miniplm.models import model_fingerprint
+
+    monkeypatch.setenv("MINIPLM_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    first = model_fingerprint(str(model))
+    weights = model / "model.safetensors"
+    st = weights.stat()
+    with open(weights, "r+b") as f:  # same size, same inode, same mtime: the same identity
+        f.seek(st.st_size - 8)
+        f.write(b"\0" * 8)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model_fingerprint(str(model)) == first  # remembered: the weights were not read
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert model_fingerprint(str(model)) != first  # a new mtime: read again, new content seen

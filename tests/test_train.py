@@ -78,6 +78,12 @@ def test_loss_drops_and_final_checkpoint_scores(corpus, clean_run, tmp_path):
     scores = run_score(ScoreConfig(instances=str(corpus), model=str(out / "final"),
                                    output=str(tmp_path / "scores"), cpus_per_worker=0.5))
     assert scores["rows"] > 0 and scores["mean_logprob_per_token"] > -rows[0]["loss"]
+    # the checkpoint declares the context it was trained on, and scoring defaults to it
+    assert model.config.trained_context == 64 and model.config.max_position_embeddings == 1024
+    assert scores["provenance"]["max_length"] == 64
+    with pytest.warns(UserWarning, match="past .* declared context 64"):
+        run_score(ScoreConfig(instances=str(corpus), model=str(out / "final"), max_length=128,
+                              output=str(tmp_path / "scores_128"), cpus_per_worker=0.5))
 
 
 @pytest.mark.timeout(600)
@@ -224,3 +230,150 @@ def test_a_checkpoint_cannot_run_code_when_restored(tmp_path):
     plain = {"model": {"w": torch.ones(2)}, "state": {"step": 3, "tokens": 7}, "rng": torch.get_rng_state()}
     torch.save(plain, tmp_path / "ok.pt")
     assert load_state(str(tmp_path / "ok.pt"))["state"] == {"step": 3, "tokens": 7}
+
+
+def synthetic_cache(root, rows_per_part: list[int], seq_len: int = 4) -> dict:
+    """A token cache whose sequence k holds the token k everywhere, so a batch says which
+    sequences it came from."""
+    import numpy as np
+    import pyarrow as pa
+
+    from miniplm import io
+
+    parts, k = [], 0
+    for i, rows in enumerate(rows_per_part):
+        ids = np.repeat(np.arange(k, k + rows, dtype=np.int32), seq_len)
+        io.write_parquet(str(root / f"part-{i:05d}.parquet"),
+                         pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids), seq_len)}))
+        parts.append({"name": f"part-{i:05d}.parquet", "rows": rows})
+        k += rows
+    return {"parts": parts, "sequences": k}
+
+
+def sequences_of(batches) -> list[int]:
+    return [int(row[0]) for b in batches for row in b]
+
+
+def test_sampler_passes_differ_ranks_split_and_resume_reads_only_its_window(tmp_path):
+    import itertools
+
+    from miniplm.sampler import CacheSampler
+
+    manifest = synthetic_cache(tmp_path, [37, 41, 0, 29, 53, 31, 47, 43, 38, 26])
+    kw = dict(seed=3, window=2, micro_batch=5)
+    ranks = [CacheSampler(str(tmp_path), manifest, rank=r, world=2, **kw) for r in range(2)]
+    for epoch in range(3):
+        seen = [sequences_of(s.epoch_batches(epoch)) for s in ranks]
+        n = ranks[0].batches_per_pass(epoch) * 5
+        assert len(seen[0]) == len(seen[1]) == n  # DDP ranks take the same number of steps
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0] + seen[1])) == 2 * n  # no repeats
+        assert 2 * n > manifest["sequences"] - 2 * (5 + 53)  # at most a micro-batch per rank + a part left out
+    one = CacheSampler(str(tmp_path), manifest, rank=0, world=1, **kw)
+    passes = [sequences_of(one.epoch_batches(e)) for e in range(2)]
+    assert passes[0] != passes[1] and sorted(passes[0]) == sorted(passes[1])  # a new order per pass
+    assert passes[0] == sequences_of(CacheSampler(str(tmp_path), manifest, rank=0, world=1, **kw)
+                                     .epoch_batches(0))  # and the same one on a re-run
+
+    # a resumed pass continues exactly, and reads at most the window it stops in and the next
+    start = 47  # micro-batches already taken: row 235 of pass 1
+    resumed = CacheSampler(str(tmp_path), manifest, rank=0, world=1, **kw)
+    batches = resumed.epoch_batches(1, start=start)
+    first = next(batches)
+    largest_two_windows = 53 + 47 + 43 + 41
+    assert resumed.rows_read <= largest_two_windows < start * 5
+    assert sequences_of(itertools.chain([first], batches)) == passes[1][start * 5:]
+
+
+def test_changed_settings_never_resume_an_old_checkpoint(corpus, tokenizer_dir, clean_run, tmp_path):
+    final = (clean_run / "final" / "model.safetensors").read_bytes()
+    for change, key in (("steps=80", "steps"), ("data.seq_len=32", "data.seq_len"), ("seed=1", "seed"),
+                        ("optim.lr=1e-3", "optim.lr"), ("data.fraction=0.5", "data.fraction")):
+        with pytest.raises(ValueError, match=rf"holds a run made with other settings \(differs in: .*{key}"):
+            run_train(config(corpus, tokenizer_dir, clean_run, *run_settings(corpus), change))
+    assert (clean_run / "final" / "model.safetensors").read_bytes() == final  # untouched
+    # settings that do not shape the run may change: the finished run is found complete
+    summary = run_train(config(corpus, tokenizer_dir, clean_run, *run_settings(corpus), "log_every=5"))
+    assert summary["steps"] == STEPS and (clean_run / "final" / "model.safetensors").read_bytes() == final
+
+    out = tmp_path / "short"
+    run_train(config(corpus, tokenizer_dir, out, "steps=6", "checkpoint_every=3"))
+    run_train(config(corpus, tokenizer_dir, out, "steps=4", "checkpoint_every=2", "overwrite=true",
+                     "optim.warmup_steps=1"))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "resumed_from" not in rows[0]
+    assert rows[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # the new schedule, to its own end
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_token_cache_build_resumes_to_the_same_cache(documents, tokenizer_dir, tmp_path):
+    from miniplm import io
+
+    write_jsonl(tmp_path / "raw" / "docs.jsonl", [{"text": d} for d in documents])
+    inst = tmp_path / "inst"
+    run_prepare(PrepareConfig(inputs=[str(tmp_path / "raw")], output=str(inst), rows_per_part=4))
+    n_parts = len(io.read_json(str(inst / io.MANIFEST))["parts"])
+    out, cache = tmp_path / "killed", tmp_path / "cache"
+    args = [sys.executable, "-m", "miniplm.cli", "train"]
+    for o in config_overrides(inst, tokenizer_dir, out) + ["steps=8", f"token_cache={cache}"]:
+        args += ["--set", o]
+    proc = subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS="local"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        written = list(cache.glob("*/part-*.parquet"))
+        if len(written) >= 3:
+            break
+        time.sleep(0.02)
+    kill_tree(proc.pid)
+    proc.wait()
+    (root,) = cache.iterdir()
+    assert 3 <= len(list(root.glob("part-*.parquet"))) < n_parts and not (root / io.MANIFEST).exists()
+
+    run_train(config(inst, tokenizer_dir, out, "steps=8", f"token_cache={cache}"))
+    clean = tmp_path / "clean"
+    run_train(config(inst, tokenizer_dir, clean, "steps=8"))
+    (clean_root,) = (clean / "tokens").iterdir()
+    assert clean_root.name == root.name  # the cache is keyed by its content alone
+    assert io.read_json(str(root / io.MANIFEST)) == io.read_json(str(clean_root / io.MANIFEST))
+    import pyarrow.parquet as pq
+    for part in clean_root.glob("part-*.parquet"):
+        assert pq.read_table(part).equals(pq.read_table(root / part.name)), part.name
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(clean)]
+
+
+def test_students_on_one_corpus_share_one_token_cache(corpus, tokenizer_dir, clean_run, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in (clean_run / "tokens").rglob("*")}
+    out = tmp_path / "second"
+    run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus), "steps=3", "seed=7",
+                     f"token_cache={clean_run / 'tokens'}"))
+    assert {p: p.stat().st_mtime_ns for p in (clean_run / "tokens").rglob("*")} == before
+    assert not (out / "tokens").exists()
+
+
+def test_training_sees_each_document_start_as_scoring_does(corpus, tokenizer_dir, gpt2_eos_only_dir,
+                                                           clean_run, tmp_path):
+    """The token before every document's first token in the token cache is the one the score
+    stage puts before a text (BOS, or EOS for a tokenizer without one)."""
+    import pyarrow.parquet as pq
+
+    from miniplm import io
+    from miniplm.logprob import prefix_token_id
+    from miniplm.models import load_tokenizer
+    from miniplm.tokens import DataSpec, build_token_cache, read_sequences
+
+    texts = pq.read_table(corpus / "part-00000-00000.parquet")["text"].to_pylist()
+    for tok_dir, cache_root in ((tokenizer_dir, clean_run / "tokens"), (gpt2_eos_only_dir, tmp_path)):
+        tok = load_tokenizer(str(tok_dir))
+        root, manifest = build_token_cache(DataSpec(path=str(corpus), seq_len=64), str(tok_dir), str(cache_root))
+        first = {"parts": manifest["parts"][:1]}
+        stream = read_sequences(root, first).reshape(-1).tolist()
+        pos, checked = 1, 0
+        for text in texts[1:]:  # a part's first document has nothing before it
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            while pos + len(ids) <= len(stream) and stream[pos:pos + len(ids)] != ids:
+                pos += 1
+            if pos + len(ids) > len(stream):
+                break
+            assert stream[pos - 1] == prefix_token_id(tok), (tok_dir, checked)
+            pos, checked = pos + len(ids), checked + 1
+        assert checked >= 10
