@@ -332,7 +332,8 @@ def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, p
         eval=EvalSpec(data=eval_data, every=t.eval_every),
         tokens=tokens, batch_tokens=t.batch_tokens, micro_batch=t.micro_batch, num_workers=t.num_workers,
         cpus_per_worker=t.cpus_per_worker, torch_threads=t.torch_threads, use_gpu=t.use_gpu, seed=seed,
-        checkpoint_every=t.checkpoint_every)
+        checkpoint_every=t.checkpoint_every,
+        token_cache=os.path.join(cfg.output, "tokens"))  # one cache per content for every run here
 
 
 # ---------------------------------------------------------------- configs

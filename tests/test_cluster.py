@@ -169,3 +169,18 @@ def test_kuberay_ray_version_meets_the_floor(path):
     versions = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", path.read_text()))
     versions |= {spec.get("rayVersion") or spec["rayClusterSpec"]["rayVersion"]}
     assert all(ray.specifier.contains(v) for v in versions), (versions, ray)
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("ray") and
+                                  yaml.safe_load(p.read_text()).get("kind") in ("RayCluster", "RayJob")],
+                         ids=lambda p: p.name)
+def test_kuberay_clusters_run_with_token_authentication(path):
+    """As Ray ships it: every KubeRay cluster here has token auth on (the operator creates the
+    token and hands it to every Ray container), and the README says how a client gets it."""
+    doc = yaml.safe_load(path.read_text())
+    spec = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    assert spec.get("authOptions", {}).get("mode") == "token", path.name
+    readme = (REPO / "cluster" / "README.md").read_text()
+    name = doc["metadata"]["name"]
+    if doc["kind"] == "RayCluster":
+        assert f"kubectl get secret {name} " in readme and f"svc/{name}-head-svc" in readme
