@@ -93,3 +93,19 @@ def test_config_errors_name_the_key(override, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", override])
     assert not (tmp_path / "never").exists()
+
+
+def test_sample_corpus_comes_from_the_base_install_only():
+    """Two machines with the same Python and base install get the same corpus, whatever else
+    is installed: the dev/eval extras here (pytest, moto, lm-eval) must not leak into it."""
+    from packaging.requirements import Requirement
+
+    from miniplm.sample_corpus import _canonical, base_distributions
+
+    names = {_canonical(d.metadata["Name"]) for d in base_distributions()}
+    base = {_canonical(Requirement(r).name) for r in __import__("importlib.metadata").metadata
+            .distribution("miniplm").requires if "extra ==" not in r}
+    assert base <= names  # every base requirement, and what they pull in
+    assert {"ray", "torch", "transformers", "pyarrow", "numpy", "fsspec"} <= names
+    assert not names & {"pytest", "pytest-timeout", "moto", "lm-eval", "s3fs", "accelerate"}
+    assert "miniplm" not in names  # its README changes with every release
