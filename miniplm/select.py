@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from fractions import Fraction
 
 import fsspec
 import numpy as np
@@ -42,7 +43,7 @@ class SelectConfig:
     teacher: str = field(path=True, help="teacher score table folder")
     reference: str | None = field(None, path=True, help="reference score table folder (difference, sample)")
     output: str = field(path=True, help="folder for the refined corpus and its report")
-    alpha: float = field(0.5, help="fraction of instances to keep (floor(alpha * N))")
+    alpha: float = field(0.5, help="fraction of instances to keep, in (0, 1] (floor(alpha * N))")
     budget_tokens: int | None = field(None, help="instead of alpha: keep the best instances up to "
                                                  "this many teacher tokens")
     method: str = field("difference", help="difference, teacher, random or sample")
@@ -57,14 +58,20 @@ class SelectConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.normalize not in ("token", "byte"):
             raise ValueError(f"normalize must be token or byte, got {self.normalize!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1] (the fraction of instances kept), got {self.alpha}")
         if self.budget_tokens is not None and self.budget_tokens < 0:
             raise ValueError(f"budget_tokens must be >= 0, got {self.budget_tokens}")
         if self.method in ("difference", "sample") and not self.reference:
             raise ValueError(f"reference: method {self.method!r} needs a reference score table")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def keep_count(alpha: float, n: int) -> int:
+    """floor(alpha * n), exactly: alpha as the decimal it was written as (0.282 is 282/1000,
+    not the nearest double), so no float rounding drops an instance at 10^8 rows."""
+    return math.floor(Fraction(str(alpha)) * n)
 
 
 # ---------------------------------------------------------------- loading and checks
@@ -174,7 +181,7 @@ def choose(key: np.ndarray, ids: np.ndarray, tokens: np.ndarray, cfg: SelectConf
     if cfg.budget_tokens is not None:
         n_keep = int(np.searchsorted(np.cumsum(tokens[order]), cfg.budget_tokens, side="right"))
     else:
-        n_keep = math.floor(cfg.alpha * len(key) + 1e-9)
+        n_keep = keep_count(cfg.alpha, len(key))
     keep = np.zeros(len(key), dtype=bool)
     keep[order[:n_keep]] = True
     return keep

@@ -16,7 +16,7 @@ from conftest import save_tiny_model, write_jsonl
 from miniplm import io
 from miniplm.prepare import PrepareConfig, run_prepare
 from miniplm.score import ScoreConfig, run_score
-from miniplm.select import SelectConfig, run_select
+from miniplm.select import SelectConfig, keep_count, run_select
 
 
 def table_df(root) -> pd.DataFrame:
@@ -102,8 +102,22 @@ def test_random_and_sample_are_seeded(scored, tmp_path):
         assert a == b and a != c and len(a) == len(c)
 
 
+def test_keep_count_is_exact_at_paper_scale():
+    """floor(alpha * N) in floating point keeps one instance too few for 31 of the 999
+    three-decimal alphas at N = 10^8 (0.282 kept 28,199,999)."""
+    n = 10**8
+    for a in range(1, 1000):
+        alpha = float(f"0.{a:03d}")
+        assert keep_count(alpha, n) == a * n // 1000, alpha
+    assert keep_count(0.282, n) == 28_200_000
+    assert keep_count(1.0, n) == n and keep_count(0.5, 93) == 46
+
+
 def test_alpha_edges(scored, tmp_path):
-    assert select(scored, tmp_path / "a0", alpha=0.0)["instances"] == 0
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        SelectConfig(instances="i", teacher="t", reference="r", output="o", alpha=0.0)
+    nothing = select(scored, tmp_path / "a0", alpha=0.001)  # floor(0.093): keeps none
+    assert nothing["instances"] == 0 and nothing["parts"] == [] and nothing["threshold"] == math.inf
     full = select(scored, tmp_path / "a1", alpha=1.0)
     assert full["instances"] == io.read_json(str(scored / "inst" / io.MANIFEST))["instances"]
     assert full["fingerprint"] == io.read_json(str(scored / "inst" / io.MANIFEST))["fingerprint"]
