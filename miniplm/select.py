@@ -204,11 +204,7 @@ def run_select(cfg: SelectConfig) -> dict:
         reference, r_manifest = load_score_table(cfg.reference, "reference", fp)
         check_tokenizers(t_manifest, r_manifest, cfg.normalize)
 
-    job = {"stage": "select", "instances_fingerprint": fp,
-           "teacher": t_manifest["provenance"]["model_fingerprint"],
-           "reference": r_manifest["provenance"]["model_fingerprint"] if r_manifest else None,
-           **{k: v for k, v in to_dict(cfg).items()
-              if k not in ("instances", "teacher", "reference", "output", "dry_run", "overwrite")}}
+    job = select_job(cfg, fp, t_manifest, r_manifest)
     if not cfg.dry_run and io.claim_output(cfg.output, job, overwrite=cfg.overwrite,
                                            what="a refined corpus"):
         manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
@@ -253,6 +249,24 @@ def run_select(cfg: SelectConfig) -> dict:
     io.write_manifest(cfg.output, manifest)
     print(f"select: kept {kept_rows} of {table.num_rows} instances -> {cfg.output}")
     return manifest
+
+
+def table_identity(manifest: dict) -> dict:
+    """What a score table is, for deciding whether a refined corpus made from it is still
+    valid: its provenance (model, tokenizer and instances fingerprints, max_length, stride,
+    dtype, ...) without paths and version, plus its totals as a checksum of the content."""
+    provenance = {k: v for k, v in manifest.get("provenance", {}).items()
+                  if k not in ("model", "instances", "version")}
+    return {**provenance, **{k: manifest.get(k) for k in ("rows", "tokens", "logprob")}}
+
+
+def select_job(cfg: SelectConfig, instances_fp: str, t_manifest: dict, r_manifest: dict | None) -> dict:
+    """The reuse key: an output made for the same job is complete, any other is refused."""
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("instances", "teacher", "reference", "output", "dry_run", "overwrite")}
+    return {"stage": "select", "instances_fingerprint": instances_fp,
+            "teacher": table_identity(t_manifest),
+            "reference": table_identity(r_manifest) if r_manifest else None, **settings}
 
 
 def _table_info(manifest: dict) -> dict:

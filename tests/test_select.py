@@ -123,6 +123,38 @@ def test_alpha_edges(scored, tmp_path):
     assert full["fingerprint"] == io.read_json(str(scored / "inst" / io.MANIFEST))["fingerprint"]
 
 
+@pytest.mark.timeout(600)
+def test_a_rescored_table_is_not_silently_reused(scored, llama_dir, tmp_path, capsys):
+    """The reuse key holds the tables' provenance, not only the models: a teacher table
+    re-scored with another max_length makes the old refined corpus stale."""
+    teacher = tmp_path / "teacher"
+
+    def score(max_length, **kw):
+        run_score(ScoreConfig(instances=str(scored / "inst"), model=str(llama_dir), output=str(teacher),
+                              max_length=max_length, cpus_per_worker=0.5, batch_tokens=2048, **kw))
+
+    def select_again(**kw):
+        return run_select(SelectConfig(instances=str(scored / "inst"), teacher=str(teacher),
+                                       reference=str(scored / "reference"), output=str(tmp_path / "refined"),
+                                       **kw))
+
+    score(32)
+    first = select_again()
+    capsys.readouterr()
+    assert select_again() == first and "already complete" in capsys.readouterr().out
+    score(48, overwrite=True)
+    with pytest.raises(ValueError, match=r"different settings \(teacher differ\)"):
+        select_again()
+    assert "already complete" not in capsys.readouterr().out
+    rebuilt = select_again(overwrite=True)
+    t = table_df(teacher).set_index("id")
+    r = table_df(scored / "reference").set_index("id")
+    score_ = (t.logprob / t.n_tokens - r.logprob.loc[t.index] / r.n_tokens.loc[t.index]).reset_index(name="s")
+    expected = score_.sort_values(["s", "id"], ascending=[False, True]).id.head(len(score_) // 2)
+    assert set(table_df(tmp_path / "refined").id) == set(expected)
+    assert rebuilt["tokens_kept"] == t.loc[list(expected)].n_tokens.sum()
+
+
 def test_tokenizer_mismatch_needs_byte_normalisation(scored, tmp_path):
     with pytest.raises(ValueError, match="different tokenizers.*--normalize byte"):
         select(scored, tmp_path, reference=str(scored / "other_tok"))
