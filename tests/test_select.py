@@ -1,11 +1,14 @@
-"""select: kept ids equal an independent pandas top-alpha; refusals; baselines; report."""
+"""select: kept ids equal an independent pandas top-alpha; refusals; baselines; report; the
+work runs in per-part Ray tasks (the driver reads no part); ties are broken by id across parts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -100,6 +103,100 @@ def test_random_and_sample_are_seeded(scored, tmp_path):
     for method in ("random", "sample"):
         a, b, c = kept(method, 1, f"{method}1"), kept(method, 1, f"{method}1b"), kept(method, 2, f"{method}2")
         assert a == b and a != c and len(a) == len(c)
+
+
+def id_draw(seed: int, id_: str) -> float:
+    """The documented per-id draw: 52 bits of blake2b(`seed:id`), as a uniform in (0, 1)."""
+    digest = hashlib.blake2b(f"{seed}:{id_}".encode(), digest_size=8).digest()
+    return ((int.from_bytes(digest, "little") >> 12) + 0.5) / 2.0**52
+
+
+def test_random_and_sample_draw_per_id(scored, tmp_path):
+    """An instance's draw depends on the seed and its id only, not on its part or position."""
+    t = table_df(scored / "teacher").set_index("id")
+    r = table_df(scored / "reference").set_index("id").loc[t.index]
+    draw = pd.Series([id_draw(3, i) for i in t.index], index=t.index)
+    difference = t.logprob / t.n_tokens - r.logprob / r.n_tokens
+    for method, key in [("random", draw), ("sample", difference / 0.5 - np.log(-np.log(draw)))]:
+        select(scored, tmp_path / method, method=method, seed=3, alpha=0.4, temperature=0.5)
+        df = key.reset_index(name="key").sort_values(["key", "id"], ascending=[False, True])
+        assert set(table_df(tmp_path / method / "refined").id) == set(df.id.head(math.floor(0.4 * len(df)))), method
+
+
+def driver_part_reads(monkeypatch) -> list:
+    """Parquet parts opened or read by this process (Ray tasks run in other processes)."""
+    reads = []
+    real_open, real_read = fsspec.open, pq.read_table
+
+    def opening(url, mode="rb", *args, **kwargs):
+        if str(url).endswith(".parquet") and "r" in mode:
+            reads.append(str(url))
+        return real_open(url, mode, *args, **kwargs)
+
+    def reading(source, *args, **kwargs):
+        reads.append(str(source))
+        return real_read(source, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec, "open", opening)
+    monkeypatch.setattr(pq, "read_table", reading)
+    return reads
+
+
+def test_the_driver_reads_no_part(scored, tmp_path, monkeypatch):
+    """Memory is bounded by a part: Ray tasks read the parts, the driver only their results."""
+    reads = driver_part_reads(monkeypatch)
+    select(scored, tmp_path, alpha=0.5)
+    select(scored, tmp_path / "b", budget_tokens=2000, dry_run=True)
+    assert reads == []
+    monkeypatch.undo()
+    assert set(table_df(tmp_path / "refined").id) == expected_top(scored, 0.5)
+
+
+def write_tied_tables(root, parts: int = 3, rows: int = 40) -> None:
+    """Instances (ids not in sorted order within a part) and teacher/reference tables (sorted
+    by id, as the score stage writes them) whose difference scores take 3 values: large tie
+    groups that straddle every cut and every part."""
+    rng = np.random.default_rng(0)
+    fp = io.RowSetHash(total=99, count=parts * rows)
+    manifests = {"inst": [], "teacher": [], "reference": []}
+    all_ids = [f"doc{j:04d}" for j in rng.permutation(parts * rows)]
+    for k in range(parts):
+        name = f"part-{k:05d}.parquet"
+        ids = all_ids[k * rows:(k + 1) * rows]
+        n_tokens = rng.integers(1, 50, rows)
+        io.write_parquet(str(root / "inst" / name), pa.table({
+            "id": ids, "text": [f"text of {i}" for i in ids], "n_bytes": n_tokens * 3,
+            "source": ["a" if i % 2 else "b" for i in range(rows)]}))
+        manifests["inst"].append({"name": name, "rows": rows, "bytes": int(n_tokens.sum() * 3)})
+        per_token = {"teacher": -1.0 - rng.integers(0, 3, rows), "reference": np.full(rows, -2.0)}
+        for role in ("teacher", "reference"):
+            table = pa.table({"id": ids, "n_tokens": n_tokens, "logprob": per_token[role] * n_tokens})
+            io.write_parquet(str(root / role / name), table.sort_by("id"))
+            manifests[role].append({"name": name, "rows": rows})
+    io.write_json(str(root / "inst" / io.MANIFEST), {"fingerprint": fp.hexdigest(), "parts": manifests["inst"],
+                                                     "instances": parts * rows})
+    for role in ("teacher", "reference"):
+        io.write_json(str(root / role / io.MANIFEST), {"parts": manifests[role], "provenance": {
+            "instances_fingerprint": fp.hexdigest(), "model_fingerprint": role, "tokenizer_fingerprint": "t"}})
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.3), dict(alpha=0.55), dict(budget_tokens=900),
+                                dict(budget_tokens=1700)])
+def test_ties_at_the_cut_are_broken_by_id(tmp_path, ray_session, kw):
+    write_tied_tables(tmp_path)
+    manifest = run_select(SelectConfig(instances=str(tmp_path / "inst"), teacher=str(tmp_path / "teacher"),
+                                       reference=str(tmp_path / "reference"), output=str(tmp_path / "out"), **kw))
+    t, r = table_df(tmp_path / "teacher"), table_df(tmp_path / "reference").set_index("id")
+    df = pd.DataFrame({"id": t.id, "score": (t.logprob / t.n_tokens).values - (r.logprob / r.n_tokens).loc[t.id].values,
+                       "tokens": t.n_tokens.values}).sort_values(["score", "id"], ascending=[False, True])
+    if "alpha" in kw:
+        n_keep = math.floor(kw["alpha"] * len(df))
+    else:
+        n_keep = int(np.searchsorted(df.tokens.cumsum().values, kw["budget_tokens"], side="right"))
+    assert df.score.iloc[n_keep - 1] == df.score.iloc[n_keep]  # the cut splits a tie group
+    refined = table_df(tmp_path / "out")
+    assert set(refined.id) == set(df.id.head(n_keep)) and manifest["instances"] == n_keep
+    assert refined.score.tolist() == df.set_index("id").score.loc[refined.id].tolist()
 
 
 def test_keep_count_is_exact_at_paper_scale():
