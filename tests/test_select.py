@@ -17,9 +17,11 @@ import pytest
 from conftest import save_tiny_model, write_jsonl
 
 from miniplm import io
+from miniplm.pipeline import split_instances
 from miniplm.prepare import PrepareConfig, run_prepare
 from miniplm.score import ScoreConfig, run_score
 from miniplm.select import SelectConfig, keep_count, run_select
+from miniplm.tokens import in_subset
 
 
 def table_df(root) -> pd.DataFrame:
@@ -150,6 +152,28 @@ def test_the_driver_reads_no_part(scored, tmp_path, monkeypatch):
     assert reads == []
     monkeypatch.undo()
     assert set(table_df(tmp_path / "refined").id) == expected_top(scored, 0.5)
+
+
+def test_split_runs_in_per_part_tasks(scored, tmp_path, monkeypatch, capsys):
+    reads = driver_part_reads(monkeypatch)
+    inside, outside = tmp_path / "d_ref", tmp_path / "pool"
+    split_instances(str(scored / "inst"), 0.3, 7, str(inside), str(outside))
+    assert reads == []
+    monkeypatch.undo()
+    inst = table_df(scored / "inst")
+    mask = in_subset(inst.id.tolist(), 0.3, 7)
+    for root, half in ((inside, inst[mask]), (outside, inst[~mask])):
+        manifest = io.read_json(str(root / io.MANIFEST))
+        got = table_df(root)
+        assert sorted(got.id) == sorted(half.id) and manifest["instances"] == len(half)
+        assert manifest["bytes"] == half.n_bytes.sum()
+        fp = io.RowSetHash()
+        for id_, text in zip(half.id, half.text):
+            fp.add(id_, text)
+        assert manifest["fingerprint"] == fp.hexdigest()
+    capsys.readouterr()
+    split_instances(str(scored / "inst"), 0.3, 7, str(inside), str(outside))
+    assert "already complete" in capsys.readouterr().out
 
 
 def write_tied_tables(root, parts: int = 3, rows: int = 40) -> None:
