@@ -15,6 +15,7 @@ import time
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from miniplm import io
@@ -167,10 +168,34 @@ def _mtime(path: str) -> float | None:
     return os.path.getmtime(path) if os.path.exists(path) else None
 
 
-def split_instances(src: str, fraction: float, seed: int, inside: str, outside: str) -> None:
-    """Split an instances dataset by a seeded hash of the id: `inside` gets ~fraction."""
-    from miniplm.io import read_instances_manifest
+def split_part(src: str, name: str, fraction: float, seed: int, inside: str, outside: str) -> dict:
+    """Ray task: one instances part split by a seeded hash of the id; each non-empty half is
+    written under the part's name. Returns per half its part entry and fingerprint state."""
     from miniplm.tokens import in_subset
+
+    with fsspec.open(io.join(src, name), "rb") as f:
+        table = pq.read_table(f)
+    mask = in_subset(table["id"].to_pylist(), fraction, seed)
+    halves = {}
+    for root, keep in ((inside, mask), (outside, ~mask)):
+        sub = table.filter(pa.array(keep))
+        if not sub.num_rows:
+            continue
+        io.write_parquet(io.join(root, name), sub)
+        fp = io.RowSetHash()
+        for id_, text in zip(sub["id"].to_pylist(), sub["text"].to_pylist()):
+            fp.add(id_, text)
+        halves[root] = {"part": {"name": name, "rows": sub.num_rows, "bytes": pc.sum(sub["n_bytes"]).as_py()},
+                        "hash": fp.state()}
+    return halves
+
+
+def split_instances(src: str, fraction: float, seed: int, inside: str, outside: str) -> None:
+    """Split an instances dataset by a seeded hash of the id: `inside` gets ~fraction. One Ray
+    task per part; the driver only adds up part entries and fingerprints."""
+    from miniplm.io import read_instances_manifest
+    from miniplm.runtime import init_ray
+    from miniplm.select import map_parts
 
     manifest = read_instances_manifest(src)
     job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed}
@@ -178,25 +203,24 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
     if all(finished):
         print("split: already complete; nothing to do")
         return
-    halves = {inside: ([], io.RowSetHash()), outside: ([], io.RowSetHash())}
-    for part in manifest["parts"]:
-        with fsspec.open(io.join(src, part["name"]), "rb") as f:
-            table = pq.read_table(f)
-        mask = in_subset(table["id"].to_pylist(), fraction, seed)
-        for root, keep in ((inside, mask), (outside, ~mask)):
-            sub = table.filter(pa.array(keep))
-            if sub.num_rows:
-                io.write_parquet(io.join(root, part["name"]), sub)
-                parts, fp = halves[root]
-                parts.append({"name": part["name"], "rows": sub.num_rows,
-                              "bytes": int(sum(sub["n_bytes"].to_pylist()))})
-                for id_, text in zip(sub["id"].to_pylist(), sub["text"].to_pylist()):
-                    fp.add(id_, text)
-    for root, (parts, fp) in halves.items():
+    init_ray()
+    names = [part["name"] for part in manifest["parts"]]
+    results = [None] * len(names)
+    calls = [(src, name, fraction, seed, inside, outside) for name in names]
+    for k, halves in map_parts(split_part, calls, "split"):
+        results[k] = halves
+    counts = {}
+    for root in (inside, outside):
+        halves = [r[root] for r in results if root in r]
+        fp = io.RowSetHash()
+        for half in halves:
+            fp.merge(io.RowSetHash.from_state(half["hash"]))
+        parts = [half["part"] for half in halves]
         io.write_manifest(root, {"stage": "split", "source": src, **job, "instances": fp.count,
                                  "bytes": sum(p["bytes"] for p in parts), "fingerprint": fp.hexdigest(),
                                  "parts": parts})
-    print(f"split: {halves[inside][1].count} instances -> {inside}, {halves[outside][1].count} -> {outside}")
+        counts[root] = fp.count
+    print(f"split: {counts[inside]} instances -> {inside}, {counts[outside]} -> {outside}")
 
 
 # ---------------------------------------------------------------- the pipeline

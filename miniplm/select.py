@@ -1,26 +1,40 @@
 """select: instances + teacher and reference score tables -> refined corpus (Difference Sampling).
 
-Only `id`, token/byte counts and scores are held in memory to find what to keep (10^8 rows
-of id + floats is a few GB); the text is then streamed part by part through a filter. The
-refined corpus has the instances format plus a `score` column, so every later stage reads it
-like any instances dataset. Beside it: `report.json`, `scores.png` and `samples.md`, the view
-people use to sanity-check a selection.
+Score tables have one part per instances part, under the same name, so everything runs part
+by part on Ray and no process holds the corpus:
+
+1. rank: one task per part reads that part's instance ids (+ n_bytes, source) and both tables'
+   part, refuses ids that are missing, unknown or duplicated and non-finite scores, and returns
+   one float64 ranking key per row (+ the score for `sample`, teacher tokens for a token budget).
+2. choose: the driver holds only those arrays, in part order (8-20 bytes per instance; a row's
+   position gives its part and row), and finds the exact top `floor(alpha * N)` by key, ties
+   broken by id: only the tie group straddling the cut has its ids fetched, by small tasks.
+3. write: one task per part writes the refined part (instances format + `score`) and returns
+   the part's report statistics, fingerprint state, sample candidates and plot points.
+
+Beside the corpus: `report.json`, `scores.png` and `samples.md`, the view people use to
+sanity-check a selection.
 
 Methods (`score` is what is ranked; higher is kept):
   difference  log p(x)/|x| - log p_ref(x)/|x|   (the paper's Difference Sampling)
   teacher     log p(x)/|x|                       (perplexity-filter baseline)
-  random      a seeded uniform draw               (vanilla baseline at the same size)
+  random      a uniform draw per id               (vanilla baseline at the same size)
   sample      difference score, sampled without replacement with probability ~ exp(score/T)
               (Gumbel top-k): a softer selection that keeps more diversity
-`|x|` is the token count (`--normalize token`, teacher and reference must share a tokenizer)
-or the UTF-8 byte count (`--normalize byte`, comparable across tokenizers).
+`random` and `sample` draw from a hash of `seed:id`, so an instance's draw does not depend on
+its part or position. `|x|` is the token count (`--normalize token`, teacher and reference must
+share a tokenizer) or the UTF-8 byte count (`--normalize byte`, comparable across tokenizers).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import hashlib
 import math
 import time
+from fractions import Fraction
+from typing import Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -34,6 +48,9 @@ from miniplm.prepare import INSTANCE_SCHEMA
 
 METHODS = ("difference", "teacher", "random", "sample")
 REFINED_SCHEMA = INSTANCE_SCHEMA.append(pa.field("score", pa.float64()))
+SAMPLES = 20  # instances shown per group in samples.md
+EXCERPT = 300  # characters of text shown per sample
+PLOT_POINTS = 20_000  # instances in the teacher-vs-reference scatter
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -42,7 +59,7 @@ class SelectConfig:
     teacher: str = field(path=True, help="teacher score table folder")
     reference: str | None = field(None, path=True, help="reference score table folder (difference, sample)")
     output: str = field(path=True, help="folder for the refined corpus and its report")
-    alpha: float = field(0.5, help="fraction of instances to keep (floor(alpha * N))")
+    alpha: float = field(0.5, help="fraction of instances to keep, in (0, 1] (floor(alpha * N))")
     budget_tokens: int | None = field(None, help="instead of alpha: keep the best instances up to "
                                                  "this many teacher tokens")
     method: str = field("difference", help="difference, teacher, random or sample")
@@ -57,8 +74,8 @@ class SelectConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.normalize not in ("token", "byte"):
             raise ValueError(f"normalize must be token or byte, got {self.normalize!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1] (the fraction of instances kept), got {self.alpha}")
         if self.budget_tokens is not None and self.budget_tokens < 0:
             raise ValueError(f"budget_tokens must be >= 0, got {self.budget_tokens}")
         if self.method in ("difference", "sample") and not self.reference:
@@ -67,39 +84,72 @@ class SelectConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
-# ---------------------------------------------------------------- loading and checks
+def uses_reference(cfg: SelectConfig) -> bool:
+    return cfg.method in ("difference", "sample")
 
 
-def read_columns(root: str, parts: list[dict], columns: list[str], with_part: bool = False) -> pa.Table:
-    """The columns of every part; `with_part` adds `_part`, the part's index, so the text
-    pass can filter each part against only its own kept ids."""
-    tables = []
-    for k, part in enumerate(parts):
-        with fsspec.open(io.join(root, part["name"]), "rb") as f:
-            table = pq.read_table(f, columns=columns)
-        if with_part:
-            table = table.append_column("_part", pa.array(np.full(table.num_rows, k, dtype=np.int32)))
-        tables.append(table)
-    if not tables:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pa.concat_tables(tables)
+def keep_count(alpha: float, n: int) -> int:
+    """floor(alpha * n), exactly: alpha as the decimal it was written as (0.282 is 282/1000,
+    not the nearest double), so no float rounding drops an instance at 10^8 rows."""
+    return math.floor(Fraction(str(alpha)) * n)
 
 
-def load_score_table(root: str, role: str, instances_fp: str) -> tuple[pa.Table, dict]:
-    """A finished score table's `id, n_tokens, logprob`, checked against the instances."""
+# ---------------------------------------------------------------- the score tables (driver)
+
+
+def read_score_manifest(root: str, role: str, instances: dict) -> dict:
+    """A finished score table's manifest, checked against the instances it must cover."""
     url = io.join(root, io.MANIFEST)
     if not io.exists(url):
         raise FileNotFoundError(f"{role} table {root}: no {io.MANIFEST} (scoring unfinished, or "
                                 "not a score table)")
     manifest = io.read_json(url)
     provenance = manifest.get("provenance", {})
-    if provenance.get("instances_fingerprint") != instances_fp:
+    if provenance.get("instances_fingerprint") != instances["fingerprint"]:
         raise ValueError(f"{role} table {root} was scored on other instances: its instances "
                          f"fingerprint is {provenance.get('instances_fingerprint')}, the instances' "
-                         f"is {instances_fp}")
-    table = read_columns(root, manifest["parts"], ["id", "n_tokens", "logprob"])
-    check_unique_finite(table, f"{role} table {root}")
-    return table, manifest
+                         f"is {instances['fingerprint']}")
+    ours, theirs = [p["name"] for p in manifest["parts"]], [p["name"] for p in instances["parts"]]
+    if sorted(ours) != sorted(theirs):
+        differ = sorted(set(ours) ^ set(theirs))
+        raise ValueError(f"{role} table {root}: its parts are not the instances' parts "
+                         f"({len(differ)} differ, e.g. {differ[0]!r})")
+    return manifest
+
+
+def table_identity(manifest: dict) -> dict:
+    """What a score table is, for deciding whether a refined corpus made from it is still
+    valid: its provenance (model, tokenizer and instances fingerprints, max_length, stride,
+    dtype, ...) without paths and version, plus its totals as a checksum of the content."""
+    provenance = {k: v for k, v in manifest.get("provenance", {}).items()
+                  if k not in ("model", "instances", "version")}
+    return {**provenance, **{k: manifest.get(k) for k in ("rows", "tokens", "logprob")}}
+
+
+def select_job(cfg: SelectConfig, instances_fp: str, t_manifest: dict, r_manifest: dict | None) -> dict:
+    """The reuse key: an output made for the same job is complete, any other is refused."""
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in ("instances", "teacher", "reference", "output", "dry_run", "overwrite")}
+    return {"stage": "select", "instances_fingerprint": instances_fp,
+            "teacher": table_identity(t_manifest),
+            "reference": table_identity(r_manifest) if r_manifest else None, **settings}
+
+
+def check_tokenizers(t_manifest: dict, r_manifest: dict, normalize: str) -> None:
+    t_tok = t_manifest["provenance"].get("tokenizer_fingerprint")
+    r_tok = r_manifest["provenance"].get("tokenizer_fingerprint")
+    if normalize == "token" and t_tok != r_tok:
+        raise ValueError("teacher and reference use different tokenizers (fingerprints "
+                         f"{t_tok} vs {r_tok}): per-token log-likelihoods are not comparable. "
+                         "Use --normalize byte.")
+
+
+# ---------------------------------------------------------------- one part (in a Ray task)
+
+
+def read_part(root: str, name: str, columns: list[str]) -> pa.Table:
+    with fsspec.open(io.join(root, name), "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 def check_unique_finite(table: pa.Table, what: str) -> None:
@@ -115,30 +165,37 @@ def check_unique_finite(table: pa.Table, what: str) -> None:
                          f"{table['id'][int(bad[0])].as_py()!r} ({len(bad)} rows)")
 
 
-def join_scores(instances: pa.Table, teacher: pa.Table, reference: pa.Table | None) -> pa.Table:
-    """id, n_bytes, source, t_tokens, t_logprob[, r_tokens, r_logprob], sorted by id; every
-    instance must have exactly one row in each table."""
-    tables = [("teacher", teacher.rename_columns(["id", "t_tokens", "t_logprob"]))]
-    if reference is not None:
-        tables.append(("reference", reference.rename_columns(["id", "r_tokens", "r_logprob"])))
-    joined = instances
-    for role, table in tables:
-        merged = joined.join(table, "id", join_type="inner")
-        if merged.num_rows != instances.num_rows or table.num_rows != instances.num_rows:
-            missing = pc.filter(instances["id"], pc.invert(pc.is_in(instances["id"], table["id"])))
-            extra = pc.filter(table["id"], pc.invert(pc.is_in(table["id"], instances["id"])))
-            example = (missing[0].as_py() if len(missing) else extra[0].as_py())
-            raise ValueError(f"{role} table does not cover the instances: {len(missing)} instance "
-                             f"ids missing, {len(extra)} unknown ids (e.g. {example!r})")
-        joined = merged
-    return joined.sort_by("id")
+def align(ids: pa.ChunkedArray, table: pa.Table, role: str, part: str) -> pa.Table:
+    """`table`'s rows in the order of the instance ids `ids`; every id exactly once."""
+    if table.num_rows == len(ids) and table["id"].equals(ids):
+        return table
+    position = pc.index_in(ids, value_set=table["id"].combine_chunks())
+    unknown = pc.invert(pc.is_in(table["id"], value_set=ids.combine_chunks()))
+    n_unknown = pc.sum(unknown).as_py() or 0
+    if position.null_count or n_unknown:
+        missing = ids.filter(pc.is_null(position))
+        example = missing[0] if len(missing) else table["id"].filter(unknown)[0]
+        raise ValueError(f"{role} table does not cover the instances: {len(missing)} instance ids "
+                         f"missing, {n_unknown} unknown ids in part {part} (e.g. {example.as_py()!r})")
+    return table.take(position)
 
 
-# ---------------------------------------------------------------- scoring and choosing
+def read_joined_part(cfg: SelectConfig, name: str, columns: list[str]) -> pa.Table:
+    """One instances part's `columns` + t_tokens, t_logprob (+ r_tokens, r_logprob), row for
+    row; refuses a table part that does not hold each instance exactly once, finitely."""
+    instances = read_part(cfg.instances, name, columns)
+    roles = [("teacher", cfg.teacher, "t")] + ([("reference", cfg.reference, "r")] if uses_reference(cfg) else [])
+    for role, root, prefix in roles:
+        table = read_part(root, name, ["id", "n_tokens", "logprob"])
+        check_unique_finite(table, f"{role} table {root}")
+        table = align(instances["id"], table, role, name)
+        instances = instances.append_column(f"{prefix}_tokens", table["n_tokens"])
+        instances = instances.append_column(f"{prefix}_logprob", table["logprob"])
+    return instances
 
 
 def per_unit(logprob: np.ndarray, tokens: np.ndarray, n_bytes: np.ndarray, normalize: str,
-             ids: pa.Array, role: str) -> np.ndarray:
+             ids: pa.ChunkedArray, role: str) -> np.ndarray:
     denom = n_bytes if normalize == "byte" else tokens
     zero = np.flatnonzero(denom == 0)
     if len(zero):
@@ -147,37 +204,303 @@ def per_unit(logprob: np.ndarray, tokens: np.ndarray, n_bytes: np.ndarray, norma
     return logprob / denom
 
 
+def id_uniforms(ids: list[str], seed: int) -> np.ndarray:
+    """One uniform draw in (0, 1) per id, from a hash of `seed:id` (as `tokens.in_subset`):
+    the same whatever part or position the id has. 52 bits, so u and 1 - u are never 0."""
+    bits = np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(),
+                                       "little") >> 12 for i in ids), dtype=np.int64, count=len(ids))
+    return (bits + 0.5) / 2.0**52
+
+
 def selection_scores(table: pa.Table, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(score, ranking key) per row of the id-sorted join. The key equals the score except
-    for `sample`, where Gumbel noise turns top-k into sampling without replacement."""
+    """(score, ranking key) per row of a joined part. The key equals the score except for
+    `sample`, where Gumbel noise turns top-k into sampling without replacement."""
     n_bytes = table["n_bytes"].to_numpy()
+    if cfg.method == "random":
+        draw = id_uniforms(table["id"].to_pylist(), cfg.seed)
+        return draw, draw
     t = per_unit(table["t_logprob"].to_numpy(), table["t_tokens"].to_numpy(), n_bytes,
                  cfg.normalize, table["id"], "teacher")
-    rng = np.random.default_rng(cfg.seed)
     if cfg.method == "teacher":
         return t, t
-    if cfg.method == "random":
-        draw = rng.random(table.num_rows)
-        return draw, draw
     r = per_unit(table["r_logprob"].to_numpy(), table["r_tokens"].to_numpy(), n_bytes,
                  cfg.normalize, table["id"], "reference")
     score = t - r
     if cfg.method == "difference":
         return score, score
-    return score, score / cfg.temperature + rng.gumbel(size=table.num_rows)
+    gumbel = -np.log(-np.log(id_uniforms(table["id"].to_pylist(), cfg.seed)))
+    return score, score / cfg.temperature + gumbel
 
 
-def choose(key: np.ndarray, ids: np.ndarray, tokens: np.ndarray, cfg: SelectConfig) -> np.ndarray:
-    """Boolean mask of kept rows: the top floor(alpha*N) by key (ties: smaller id first), or
-    with a token budget the best instances whose tokens fit in it."""
-    order = np.lexsort((ids, -key))
-    if cfg.budget_tokens is not None:
-        n_keep = int(np.searchsorted(np.cumsum(tokens[order]), cfg.budget_tokens, side="right"))
-    else:
-        n_keep = math.floor(cfg.alpha * len(key) + 1e-9)
+def rank_part(cfg: SelectConfig, name: str, with_tokens: bool) -> dict:
+    """Task of the rank wave: the ranking key of every row of one part, in row order (plus the
+    score when it differs from the key, and teacher tokens for a token budget)."""
+    table = read_joined_part(cfg, name, ["id", "n_bytes", "source"])
+    score, key = selection_scores(table, cfg)
+    out = {"key": key, "score": score if cfg.method == "sample" else None, "tokens": None}
+    if with_tokens:
+        tokens = table["t_tokens"].to_numpy()
+        if len(tokens) and tokens.max() >= 2**31:
+            raise ValueError(f"part {name}: an instance of {tokens.max()} tokens")
+        out["tokens"] = tokens.astype(np.int32)
+    return out
+
+
+def part_ids(root: str, name: str, rows: np.ndarray) -> list[str]:
+    """Task: the ids at `rows` of one instances part (for ordering a tie group by id)."""
+    return read_part(root, name, ["id"])["id"].take(pa.array(rows)).to_pylist()
+
+
+def write_part(cfg: SelectConfig, name: str, kept_rows: np.ndarray, threshold: float,
+               plot_rows: np.ndarray, write: bool) -> dict:
+    """Task of the write wave: the refined part (kept rows + score, sorted by id) and what the
+    report needs of this part."""
+    table = read_joined_part(cfg, name, INSTANCE_SCHEMA.names)
+    score, _ = selection_scores(table, cfg)
+    kept = np.zeros(table.num_rows, dtype=bool)
+    kept[kept_rows] = True
+    out = {"part": None, "hash": None, "stats": part_statistics(table, score, kept),
+           "samples": sample_candidates(table, score, kept, threshold, cfg),
+           "plot": plot_points(table, kept, plot_rows, cfg) if uses_reference(cfg) else None}
+    if not kept.any():
+        return out
+    refined = table.select(INSTANCE_SCHEMA.names).append_column("score", pa.array(score))
+    refined = refined.filter(pa.array(kept)).sort_by("id").cast(REFINED_SCHEMA)
+    if write:
+        io.write_parquet(io.join(cfg.output, name), refined)
+        fingerprint = io.RowSetHash()
+        for id_, text in zip(refined["id"].to_pylist(), refined["text"].to_pylist()):
+            fingerprint.add(id_, text)
+        out["hash"] = fingerprint.state()
+    out["part"] = {"name": name, "rows": refined.num_rows, "bytes": pc.sum(refined["n_bytes"]).as_py()}
+    return out
+
+
+def part_statistics(table: pa.Table, score: np.ndarray, kept: np.ndarray) -> dict:
+    """Per-source counts and sums of one part (they add up across parts)."""
+    tokens = table["t_tokens"].to_numpy()
+    sources = table["source"].to_numpy(zero_copy_only=False)
+    per_source = {}
+    for source in np.unique(sources):
+        mask = sources == source
+        per_source[str(source)] = {"kept": int((mask & kept).sum()), "dropped": int((mask & ~kept).sum()),
+                                   "tokens_kept": int(tokens[mask & kept].sum()),
+                                   "score_sum": float(score[mask].sum())}
+    return {"tokens_total": int(tokens.sum()), "tokens_kept": int(tokens[kept].sum()),
+            "per_source": per_source}
+
+
+def ranked(rows: np.ndarray, score: np.ndarray, ids: pa.ChunkedArray) -> np.ndarray:
+    """`rows` in report order: score descending, ties by id."""
+    row_ids = ids.take(pa.array(rows, pa.int64())).to_numpy(zero_copy_only=False)
+    return rows[np.lexsort((row_ids, -score[rows]))]
+
+
+def first_ranked(rows: np.ndarray, score: np.ndarray, ids: pa.ChunkedArray, k: int) -> np.ndarray:
+    """The k first of `rows` in report order, sorting only the rows that can be among them."""
+    if len(rows) > k:
+        cut = np.partition(score[rows], len(rows) - k)[len(rows) - k]
+        rows = rows[score[rows] >= cut]
+    return ranked(rows, score, ids)[:k]
+
+
+def last_ranked(rows: np.ndarray, score: np.ndarray, ids: pa.ChunkedArray, k: int) -> np.ndarray:
+    if len(rows) > k:
+        cut = np.partition(score[rows], k - 1)[k - 1]
+        rows = rows[score[rows] <= cut]
+    return ranked(rows, score, ids)[-k:]
+
+
+def sample_candidates(table: pa.Table, score: np.ndarray, kept: np.ndarray, threshold: float,
+                      cfg: SelectConfig) -> list[dict]:
+    """The rows of this part that can be among samples.md's: its highest and lowest, and its
+    last above and first below the threshold. Any global sample is one of some part's."""
+    ids = table["id"]
+    rows = np.arange(table.num_rows)
+    above = score >= threshold
+    picked = np.unique(np.concatenate([
+        first_ranked(rows, score, ids, SAMPLES), last_ranked(rows, score, ids, SAMPLES),
+        last_ranked(rows[above], score, ids, SAMPLES // 2),
+        first_ranked(rows[~above], score, ids, SAMPLES // 2)]))
+    columns = ["id", "source", "n_bytes", "t_tokens", "t_logprob"]
+    columns += ["r_tokens", "r_logprob"] if uses_reference(cfg) else []
+    out = table.select(columns).take(pa.array(picked, pa.int64())).to_pylist()
+    texts = table["text"].take(pa.array(picked, pa.int64())).to_pylist()
+    for row, k, text in zip(out, picked, texts):
+        row.update(score=float(score[k]), kept=bool(kept[k]), text=excerpt(text))
+    return out
+
+
+def excerpt(text: str, width: int = EXCERPT) -> str:
+    text = " ".join(text.split())
+    return text[:width] + " …" if len(text) > width else text
+
+
+def plot_points(table: pa.Table, kept: np.ndarray, rows: np.ndarray, cfg: SelectConfig) -> dict:
+    """Teacher and reference log-likelihood per unit at `rows`, and their ranges over the part."""
+    n_bytes = table["n_bytes"].to_numpy()
+    t = table["t_logprob"].to_numpy() / (n_bytes if cfg.normalize == "byte" else table["t_tokens"].to_numpy())
+    r = table["r_logprob"].to_numpy() / (n_bytes if cfg.normalize == "byte" else table["r_tokens"].to_numpy())
+    lo, hi = (float(min(t.min(), r.min())), float(max(t.max(), r.max()))) if len(t) else (math.inf, -math.inf)
+    return {"t": t[rows], "r": r[rows], "kept": kept[rows], "lo": lo, "hi": hi}
+
+
+# ---------------------------------------------------------------- Ray wiring (driver)
+
+
+def map_parts(fn: Callable, calls: list[tuple], desc: str, num_cpus: float = 1) -> Iterator[tuple[int, object]]:
+    """`fn(*args)` for each args in `calls`, one Ray task each, a few in flight; yields
+    (index, result) as tasks finish. A task's own error is raised as that error."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from miniplm.runtime import cluster_cpus, unwrap
+
+    remote = ray.remote(num_cpus=num_cpus)(fn)
+    todo = iter(enumerate(calls))
+    in_flight: dict = {}
+    window = max(2, int(2 * cluster_cpus()))
+    bar = tqdm(total=len(calls), desc=desc, unit="part")
+    try:
+        for i, args in todo:
+            in_flight[remote.remote(*args)] = i
+            if len(in_flight) >= window:
+                break
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            i = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                raise unwrap(err) from None
+            for j, args in todo:  # refill: one finished, one more
+                in_flight[remote.remote(*args)] = j
+                break
+            bar.update(1)
+            yield i, result
+    finally:
+        bar.close()
+        for ref in in_flight:
+            ray.cancel(ref)
+
+
+@dataclasses.dataclass
+class Ranking:
+    """What the driver holds: per instance, in part order (offsets[k] is part k's first)."""
+    names: list[str]
+    offsets: np.ndarray  # (P + 1,) int64
+    key: np.ndarray  # (N,) float64
+    score: np.ndarray  # (N,) float64, the key itself except for `sample`
+    tokens: np.ndarray | None  # (N,) int32 teacher tokens, with a token budget only
+
+    def part_rows(self, k: int, mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask[self.offsets[k]:self.offsets[k + 1]]).astype(np.int32)
+
+
+def rank_parts(cfg: SelectConfig, parts: list[dict]) -> Ranking:
+    """The rank wave: every part's keys, copied into preallocated arrays as tasks finish."""
+    names = [p["name"] for p in parts]
+    offsets = np.concatenate([[0], np.cumsum([p["rows"] for p in parts])]).astype(np.int64)
+    n = int(offsets[-1])
+    budget = cfg.budget_tokens is not None
+    key = np.empty(n)
+    score = np.empty(n) if cfg.method == "sample" else key
+    tokens = np.empty(n, dtype=np.int32) if budget else None
+    calls = [(cfg, name, budget) for name in names]
+    for k, result in map_parts(rank_part, calls, "select: ranking"):
+        lo, hi = offsets[k], offsets[k + 1]
+        if len(result["key"]) != hi - lo:
+            raise ValueError(f"instances part {names[k]} has {len(result['key'])} rows, its "
+                             f"manifest says {hi - lo}")
+        key[lo:hi] = result["key"]
+        if result["score"] is not None:
+            score[lo:hi] = result["score"]
+        if budget:
+            tokens[lo:hi] = result["tokens"]
+    return Ranking(names=names, offsets=offsets, key=key, score=score, tokens=tokens)
+
+
+def ids_at(cfg: SelectConfig, ranking: Ranking, positions: np.ndarray) -> np.ndarray:
+    """The ids of instances at global `positions` (a tie group: few), read by small tasks."""
+    part = np.searchsorted(ranking.offsets, positions, side="right") - 1
+    ids = np.empty(len(positions), dtype=object)
+    groups = [np.flatnonzero(part == k) for k in np.unique(part)]
+    calls = [(cfg.instances, ranking.names[part[g[0]]], positions[g] - ranking.offsets[part[g[0]]])
+             for g in groups]
+    for i, result in map_parts(part_ids, calls, "select: ids of ties", num_cpus=0.5):
+        ids[groups[i]] = result
+    return ids
+
+
+def top_count(key: np.ndarray, n_keep: int, ids_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Mask of the n_keep largest keys, ties at the cut broken by smaller id first."""
     keep = np.zeros(len(key), dtype=bool)
+    if n_keep <= 0:
+        return keep
+    if n_keep >= len(key):
+        return ~keep
+    cut = np.partition(key, len(key) - n_keep)[len(key) - n_keep]  # the n_keep-th largest key
+    np.greater(key, cut, out=keep)
+    ties = np.flatnonzero(key == cut)
+    need = n_keep - int(keep.sum())
+    if need < len(ties):
+        ties = ties[np.argsort(ids_of(ties), kind="stable")]
+    keep[ties[:need]] = True
+    return keep
+
+
+def top_within_budget(key: np.ndarray, tokens: np.ndarray, budget: int,
+                      ids_of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Mask of the longest prefix of the ranking (key descending, ties by id) whose tokens
+    fit in `budget`; only the tie group at the cut is ordered by id."""
+    n = len(key)
+    order = np.argsort(-key, kind="stable")
+    total = tokens[order].astype(np.int64)
+    np.cumsum(total, out=total)
+    n_keep = int(np.searchsorted(total, budget, side="right"))
+    if n_keep < n:
+        cut = key[order[n_keep]]
+        start = bisect.bisect_left(range(n), True, key=lambda i: key[order[i]] <= cut)
+        stop = bisect.bisect_left(range(n), True, key=lambda i: key[order[i]] < cut)
+        if stop - start > 1:
+            group = order[start:stop]
+            group = group[np.argsort(ids_of(group), kind="stable")]
+            before = total[start - 1] if start else 0
+            n_keep = start + int(np.searchsorted(before + np.cumsum(tokens[group], dtype=np.int64),
+                                                 budget, side="right"))
+            order[start:stop] = group
+    keep = np.zeros(n, dtype=bool)
     keep[order[:n_keep]] = True
     return keep
+
+
+def choose(ranking: Ranking, cfg: SelectConfig) -> np.ndarray:
+    """Mask of kept instances: the top floor(alpha*N) by key (ties: smaller id first), or
+    with a token budget the best instances whose tokens fit in it."""
+    def ids_of(positions):
+        return ids_at(cfg, ranking, positions)
+
+    if cfg.budget_tokens is not None:
+        return top_within_budget(ranking.key, ranking.tokens, cfg.budget_tokens, ids_of)
+    return top_count(ranking.key, keep_count(cfg.alpha, len(ranking.key)), ids_of)
+
+
+def plot_sample(n: int) -> np.ndarray:
+    """Positions of the instances drawn in the scatter plot (a seeded draw, sorted)."""
+    return np.sort(np.random.default_rng(0).choice(n, size=min(n, PLOT_POINTS), replace=False))
+
+
+def write_parts(cfg: SelectConfig, ranking: Ranking, keep: np.ndarray, threshold: float) -> list[dict]:
+    """The write wave; each part's result, in part order."""
+    plot = plot_sample(len(keep))
+    plot_part = np.searchsorted(ranking.offsets, plot, side="right") - 1
+    calls = [(cfg, name, ranking.part_rows(k, keep), threshold,
+              (plot[plot_part == k] - ranking.offsets[k]).astype(np.int32), not cfg.dry_run)
+             for k, name in enumerate(ranking.names)]
+    results = [None] * len(calls)
+    for k, result in map_parts(write_part, calls, "select: writing"):
+        results[k] = result
+    return results
 
 
 # ---------------------------------------------------------------- the stage
@@ -186,51 +509,44 @@ def choose(key: np.ndarray, ids: np.ndarray, tokens: np.ndarray, cfg: SelectConf
 def run_select(cfg: SelectConfig) -> dict:
     """Run the select stage; returns its manifest (or, with dry_run, the report)."""
     from miniplm.io import read_instances_manifest
+    from miniplm.runtime import init_ray
 
     print(describe(cfg), flush=True)
     started = time.time()
     inst_manifest = read_instances_manifest(cfg.instances)
     fp = inst_manifest["fingerprint"]
-    teacher, t_manifest = load_score_table(cfg.teacher, "teacher", fp)
-    reference = r_manifest = None
-    if cfg.reference and cfg.method in ("difference", "sample"):
-        reference, r_manifest = load_score_table(cfg.reference, "reference", fp)
+    t_manifest = read_score_manifest(cfg.teacher, "teacher", inst_manifest)
+    r_manifest = None
+    if uses_reference(cfg):
+        r_manifest = read_score_manifest(cfg.reference, "reference", inst_manifest)
         check_tokenizers(t_manifest, r_manifest, cfg.normalize)
 
-    job = {"stage": "select", "instances_fingerprint": fp,
-           "teacher": t_manifest["provenance"]["model_fingerprint"],
-           "reference": r_manifest["provenance"]["model_fingerprint"] if r_manifest else None,
-           **{k: v for k, v in to_dict(cfg).items()
-              if k not in ("instances", "teacher", "reference", "output", "dry_run", "overwrite")}}
+    job = select_job(cfg, fp, t_manifest, r_manifest)
     if not cfg.dry_run and io.claim_output(cfg.output, job, overwrite=cfg.overwrite,
                                            what="a refined corpus"):
         manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
         print(f"select: {cfg.output} is already complete ({manifest['instances']} kept); nothing to do")
         return manifest
 
-    instances = read_columns(cfg.instances, inst_manifest["parts"], ["id", "n_bytes", "source"],
-                             with_part=True)
-    table = join_scores(instances, teacher, reference)
-    score, key = selection_scores(table, cfg)
-    ids = table["id"].to_numpy(zero_copy_only=False)
-    keep = choose(key, ids, table["t_tokens"].to_numpy(), cfg)
-    table = table.append_column("score", pa.array(score)).append_column("kept", pa.array(keep))
-
-    threshold = float(score[keep].min()) if keep.any() else float("inf")
-    sample_ids = pick_samples(table, score, threshold)
-    texts = {}
-    if cfg.dry_run:
-        texts = read_texts(cfg.instances, inst_manifest["parts"], set(sample_ids))
-    else:
-        out_parts, fingerprint, texts = write_refined(cfg, inst_manifest["parts"], table, set(sample_ids))
-    report = build_report(table, cfg, threshold)
-    samples = samples_markdown(table, sample_ids, texts, cfg, threshold)
+    init_ray()
+    ranking = rank_parts(cfg, inst_manifest["parts"])
+    keep = choose(ranking, cfg)
+    threshold = float(np.min(ranking.score, where=keep, initial=math.inf))
+    results = write_parts(cfg, ranking, keep, threshold)
+    report = build_report(ranking.score, results, cfg, threshold)
+    candidates = [row for r in results for row in r["samples"]]
+    samples = samples_markdown(candidates, pick_samples(candidates, threshold), cfg, threshold)
     print(report_summary(report), flush=True)
     if cfg.dry_run:
         print(samples)
         return report
 
-    write_report_files(cfg.output, table, report, samples, threshold, cfg)
+    write_report_files(cfg.output, ranking.score, results, report, samples, threshold, cfg)
+    out_parts = [r["part"] for r in results if r["part"]]
+    fingerprint = io.RowSetHash()
+    for r in results:
+        if r["hash"]:
+            fingerprint.merge(io.RowSetHash.from_state(r["hash"]))
     kept_rows = sum(p["rows"] for p in out_parts)
     manifest = {
         "stage": "select", "version": __version__, "config": to_dict(cfg),
@@ -239,12 +555,13 @@ def run_select(cfg: SelectConfig) -> dict:
                    "reference": {"path": cfg.reference, **_table_info(r_manifest)} if r_manifest else None},
         "method": cfg.method, "normalize": cfg.normalize, "alpha": cfg.alpha,
         "budget_tokens": cfg.budget_tokens, "threshold": threshold,
-        "candidates": table.num_rows, "instances": kept_rows,
+        "candidates": len(keep), "instances": kept_rows,
         "tokens_kept": report["tokens_kept"], "bytes": sum(p["bytes"] for p in out_parts),
-        "fingerprint": fingerprint, "parts": out_parts, "seconds": round(time.time() - started, 2),
+        "fingerprint": fingerprint.hexdigest(), "parts": out_parts,
+        "seconds": round(time.time() - started, 2),
     }
     io.write_manifest(cfg.output, manifest)
-    print(f"select: kept {kept_rows} of {table.num_rows} instances -> {cfg.output}")
+    print(f"select: kept {kept_rows} of {len(keep)} instances -> {cfg.output}")
     return manifest
 
 
@@ -254,87 +571,38 @@ def _table_info(manifest: dict) -> dict:
             "tokenizer_fingerprint": prov.get("tokenizer_fingerprint")}
 
 
-def check_tokenizers(t_manifest: dict, r_manifest: dict, normalize: str) -> None:
-    t_tok = t_manifest["provenance"].get("tokenizer_fingerprint")
-    r_tok = r_manifest["provenance"].get("tokenizer_fingerprint")
-    if normalize == "token" and t_tok != r_tok:
-        raise ValueError("teacher and reference use different tokenizers (fingerprints "
-                         f"{t_tok} vs {r_tok}): per-token log-likelihoods are not comparable. "
-                         "Use --normalize byte.")
+# ---------------------------------------------------------------- report
 
 
-def pick_samples(table: pa.Table, score: np.ndarray, threshold: float, k: int = 20) -> list[str]:
-    ids = table["id"].to_numpy(zero_copy_only=False)
+def pick_samples(candidates: list[dict], threshold: float, k: int = SAMPLES) -> list[str]:
+    """Ids of the highest, around-the-threshold and lowest instances, out of the parts'
+    candidates (which hold every instance that can be among them)."""
+    ids = np.array([c["id"] for c in candidates], dtype=object)
+    score = np.array([c["score"] for c in candidates], dtype=np.float64)
     order = np.lexsort((ids, -score))
     at = int(np.searchsorted(-score[order], -threshold, side="right")) if math.isfinite(threshold) else 0
     around = order[max(0, at - k // 2): at + k // 2]
     return list(dict.fromkeys([*ids[order[:k]], *ids[around], *ids[order[::-1][:k]]]))
 
 
-def read_texts(root: str, parts: list[dict], wanted: set[str]) -> dict[str, str]:
-    texts = {}
-    for part in parts:
-        with fsspec.open(io.join(root, part["name"]), "rb") as f:
-            t = pq.read_table(f, columns=["id", "text"])
-        t = t.filter(pc.is_in(t["id"], pa.array(sorted(wanted), pa.string())))
-        texts.update(zip(t["id"].to_pylist(), t["text"].to_pylist()))
-    return texts
-
-
-def write_refined(cfg: SelectConfig, parts: list[dict], table: pa.Table, sample_ids: set[str]):
-    """Stream the instance parts through the kept-id filter; same part names, empty parts skipped."""
-    from tqdm.auto import tqdm
-
-    kept = table.filter(table["kept"]).select(["id", "score", "_part"])
-    # kept rows grouped by the part they came from: each part is matched against its own ids
-    order = np.argsort(kept["_part"].to_numpy(), kind="stable")
-    bounds = np.searchsorted(kept["_part"].to_numpy()[order], np.arange(len(parts) + 1))
-    fingerprint = io.RowSetHash()
-    out_parts, texts = [], {}
-    sample_set = pa.array(sorted(sample_ids), pa.string())
-    sample_parts = set(table.filter(pc.is_in(table["id"], sample_set))["_part"].to_pylist())
-    for k, part in enumerate(tqdm(parts, desc="select: writing", unit="part")):
-        if bounds[k] == bounds[k + 1] and k not in sample_parts:
-            continue  # nothing kept here and no sample to show
-        with fsspec.open(io.join(cfg.instances, part["name"]), "rb") as f:
-            inst = pq.read_table(f)
-        samples = inst.filter(pc.is_in(inst["id"], sample_set))
-        texts.update(zip(samples["id"].to_pylist(), samples["text"].to_pylist()))
-        part_kept = kept.take(order[bounds[k]:bounds[k + 1]]).select(["id", "score"])
-        inst = inst.filter(pc.is_in(inst["id"], part_kept["id"]))
-        if not inst.num_rows:
-            continue
-        refined = inst.join(part_kept, "id", join_type="inner").select(REFINED_SCHEMA.names)
-        refined = refined.sort_by("id").cast(REFINED_SCHEMA)
-        io.write_parquet(io.join(cfg.output, part["name"]), refined)
-        for id_, text in zip(refined["id"].to_pylist(), refined["text"].to_pylist()):
-            fingerprint.add(id_, text)
-        out_parts.append({"name": part["name"], "rows": refined.num_rows,
-                          "bytes": pc.sum(refined["n_bytes"]).as_py()})
-    return out_parts, fingerprint.hexdigest(), texts
-
-
-# ---------------------------------------------------------------- report
-
-
-def build_report(table: pa.Table, cfg: SelectConfig, threshold: float) -> dict:
-    score = table["score"].to_numpy()
-    kept = table["kept"].to_numpy()
-    tokens = table["t_tokens"].to_numpy()
+def build_report(score: np.ndarray, results: list[dict], cfg: SelectConfig, threshold: float) -> dict:
     qs = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
-    per_source = {}
-    sources = table["source"].to_numpy(zero_copy_only=False)
-    for source in np.unique(sources):
-        mask = sources == source
-        per_source[str(source)] = {"kept": int((mask & kept).sum()), "dropped": int((mask & ~kept).sum()),
-                              "tokens_kept": int(tokens[mask & kept].sum()),
-                              "mean_score": float(score[mask].mean())}
+    per_source: dict[str, dict] = {}
+    for r in results:
+        for source, s in r["stats"]["per_source"].items():
+            total = per_source.setdefault(source, dict.fromkeys(s, 0))
+            for name, value in s.items():
+                total[name] += value
+    for s in per_source.values():
+        s["mean_score"] = s.pop("score_sum") / max(s["kept"] + s["dropped"], 1)
     return {
         "method": cfg.method, "normalize": cfg.normalize, "alpha": cfg.alpha,
-        "budget_tokens": cfg.budget_tokens, "candidates": int(len(score)), "kept": int(kept.sum()),
-        "threshold": threshold, "tokens_total": int(tokens.sum()), "tokens_kept": int(tokens[kept].sum()),
-        "score_quantiles": {str(q): float(np.quantile(score, q)) for q in qs} if len(score) else {},
-        "per_source": per_source,
+        "budget_tokens": cfg.budget_tokens, "candidates": int(len(score)),
+        "kept": sum(s["kept"] for s in per_source.values()), "threshold": threshold,
+        "tokens_total": sum(r["stats"]["tokens_total"] for r in results),
+        "tokens_kept": sum(r["stats"]["tokens_kept"] for r in results),
+        "score_quantiles": {str(q): float(v) for q, v in zip(qs, np.quantile(score, qs))} if len(score) else {},
+        "per_source": dict(sorted(per_source.items())),
     }
 
 
@@ -349,30 +617,27 @@ def report_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def samples_markdown(table: pa.Table, sample_ids: list[str], texts: dict[str, str],
-                     cfg: SelectConfig, threshold: float, width: int = 300) -> str:
-    rows = {r["id"]: r for r in table.filter(pc.is_in(table["id"], pa.array(sample_ids, pa.string())))
-            .to_pylist()}
-    has_ref = "r_logprob" in table.column_names
+def samples_markdown(candidates: list[dict], sample_ids: list[str], cfg: SelectConfig,
+                     threshold: float) -> str:
+    rows = {r["id"]: r for r in candidates}
+    has_ref = uses_reference(cfg)
     unit = cfg.normalize
     columns = ["id", "source", "score", "kept", f"teacher logprob/{unit}"]
     columns += [f"reference logprob/{unit}"] if has_ref else []
     columns += ["text"]
     head = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
     out = [f"# Selection samples ({cfg.method}, threshold {threshold:.4f})", ""]
-    groups = [("Highest scores", sample_ids[:20]), ("Around the threshold", sample_ids[20:40]),
-              ("Lowest scores", sample_ids[40:])]
+    groups = [("Highest scores", sample_ids[:SAMPLES]), ("Around the threshold", sample_ids[SAMPLES:2 * SAMPLES]),
+              ("Lowest scores", sample_ids[2 * SAMPLES:])]
     for title, group in groups:
         out += [f"## {title}", "", head]
         for id_ in sorted(group, key=lambda i: -rows[i]["score"]):
             r = rows[id_]
-            text = " ".join(texts.get(id_, "").split())
-            text = (text[:width] + " …" if len(text) > width else text).replace("|", "\\|")
             cells = [f"`{id_}`", r["source"], f"{r['score']:+.4f}", "yes" if r["kept"] else "no",
                      f"{r['t_logprob'] / _denominator(r, 't_tokens', unit):.3f}"]
             if has_ref:
                 cells.append(f"{r['r_logprob'] / _denominator(r, 'r_tokens', unit):.3f}")
-            out.append("| " + " | ".join(cells + [text]) + " |")
+            out.append("| " + " | ".join(cells + [r["text"].replace("|", "\\|")]) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -381,15 +646,22 @@ def _denominator(row: dict, tokens_key: str, unit: str) -> int:
     return max(row["n_bytes"] if unit == "byte" else row[tokens_key], 1)
 
 
-def write_report_files(output: str, table: pa.Table, report: dict, samples: str,
+def write_report_files(output: str, score: np.ndarray, results: list[dict], report: dict, samples: str,
                        threshold: float, cfg: SelectConfig) -> None:
     io.write_json(io.join(output, "report.json"), report)
     io.write_bytes(io.join(output, "samples.md"), samples.encode())
-    io.write_bytes(io.join(output, "scores.png"), plot_scores(table, threshold, cfg))
+    points = None
+    if uses_reference(cfg):
+        plots = [r["plot"] for r in results]
+        points = {name: np.concatenate([p[name] for p in plots]) for name in ("t", "r", "kept")}
+        points.update(lo=min(p["lo"] for p in plots), hi=max(p["hi"] for p in plots))
+    io.write_bytes(io.join(output, "scores.png"), plot_scores(score, report["kept"], threshold, cfg, points))
 
 
-def plot_scores(table: pa.Table, threshold: float, cfg: SelectConfig) -> bytes:
-    """Histogram of scores with the threshold, and teacher vs reference coloured kept/dropped."""
+def plot_scores(score: np.ndarray, n_kept: int, threshold: float, cfg: SelectConfig,
+                points: dict | None) -> bytes:
+    """Histogram of scores with the threshold, and teacher vs reference coloured kept/dropped
+    (`points`: a sample of instances, and the range of both over all of them)."""
     import io as _io
 
     import matplotlib
@@ -397,26 +669,21 @@ def plot_scores(table: pa.Table, threshold: float, cfg: SelectConfig) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    score, kept = table["score"].to_numpy(), table["kept"].to_numpy()
-    has_ref = "r_logprob" in table.column_names
-    fig, axes = plt.subplots(1, 2 if has_ref else 1, figsize=(12 if has_ref else 6, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(12 if points else 6, 4.5), squeeze=False)
     ax = axes[0][0]
-    ax.hist(score, bins=60, color="#4C72B0")
+    counts, edges = np.histogram(score, bins=60)  # in blocks: no copy of the scores
+    ax.hist(edges[:-1], edges, weights=counts, color="#4C72B0")
     if math.isfinite(threshold):
         ax.axvline(threshold, color="#C44E52", linestyle="--", label=f"threshold {threshold:.3f}")
         ax.legend()
-    ax.set(title=f"{cfg.method} scores ({kept.sum()} of {len(score)} kept)", xlabel="score",
+    ax.set(title=f"{cfg.method} scores ({n_kept} of {len(score)} kept)", xlabel="score",
            ylabel="instances")
-    if has_ref:
-        denom = table["n_bytes"].to_numpy() if cfg.normalize == "byte" else None
-        t = table["t_logprob"].to_numpy() / (denom if denom is not None else table["t_tokens"].to_numpy())
-        r = table["r_logprob"].to_numpy() / (denom if denom is not None else table["r_tokens"].to_numpy())
+    if points:
         ax = axes[0][1]
-        idx = np.random.default_rng(0).permutation(len(t))[:20000]  # a readable scatter
-        for mask, colour, label in [(~kept[idx], "#BBBBBB", "dropped"), (kept[idx], "#C44E52", "kept")]:
-            ax.scatter(r[idx][mask], t[idx][mask], s=4, c=colour, label=label, alpha=0.6)
-        lo, hi = float(min(t.min(), r.min())), float(max(t.max(), r.max()))
-        ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8)
+        t, r, kept = points["t"], points["r"], points["kept"]
+        for mask, colour, label in [(~kept, "#BBBBBB", "dropped"), (kept, "#C44E52", "kept")]:
+            ax.scatter(r[mask], t[mask], s=4, c=colour, label=label, alpha=0.6)
+        ax.plot([points["lo"], points["hi"]], [points["lo"], points["hi"]], color="black", linewidth=0.8)
         ax.set(title="teacher vs reference", xlabel=f"reference log-likelihood / {cfg.normalize}",
                ylabel=f"teacher log-likelihood / {cfg.normalize}")
         ax.legend()

@@ -1,11 +1,14 @@
-"""select: kept ids equal an independent pandas top-alpha; refusals; baselines; report."""
+"""select: kept ids equal an independent pandas top-alpha; refusals; baselines; report; the
+work runs in per-part Ray tasks (the driver reads no part); ties are broken by id across parts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -14,9 +17,11 @@ import pytest
 from conftest import save_tiny_model, write_jsonl
 
 from miniplm import io
+from miniplm.pipeline import split_instances
 from miniplm.prepare import PrepareConfig, run_prepare
 from miniplm.score import ScoreConfig, run_score
-from miniplm.select import SelectConfig, run_select
+from miniplm.select import SelectConfig, keep_count, run_select
+from miniplm.tokens import in_subset
 
 
 def table_df(root) -> pd.DataFrame:
@@ -102,11 +107,173 @@ def test_random_and_sample_are_seeded(scored, tmp_path):
         assert a == b and a != c and len(a) == len(c)
 
 
+def id_draw(seed: int, id_: str) -> float:
+    """The documented per-id draw: 52 bits of blake2b(`seed:id`), as a uniform in (0, 1)."""
+    digest = hashlib.blake2b(f"{seed}:{id_}".encode(), digest_size=8).digest()
+    return ((int.from_bytes(digest, "little") >> 12) + 0.5) / 2.0**52
+
+
+def test_random_and_sample_draw_per_id(scored, tmp_path):
+    """An instance's draw depends on the seed and its id only, not on its part or position."""
+    t = table_df(scored / "teacher").set_index("id")
+    r = table_df(scored / "reference").set_index("id").loc[t.index]
+    draw = pd.Series([id_draw(3, i) for i in t.index], index=t.index)
+    difference = t.logprob / t.n_tokens - r.logprob / r.n_tokens
+    for method, key in [("random", draw), ("sample", difference / 0.5 - np.log(-np.log(draw)))]:
+        select(scored, tmp_path / method, method=method, seed=3, alpha=0.4, temperature=0.5)
+        df = key.reset_index(name="key").sort_values(["key", "id"], ascending=[False, True])
+        assert set(table_df(tmp_path / method / "refined").id) == set(df.id.head(math.floor(0.4 * len(df)))), method
+
+
+def driver_part_reads(monkeypatch) -> list:
+    """Parquet parts opened or read by this process (Ray tasks run in other processes)."""
+    reads = []
+    real_open, real_read = fsspec.open, pq.read_table
+
+    def opening(url, mode="rb", *args, **kwargs):
+        if str(url).endswith(".parquet") and "r" in mode:
+            reads.append(str(url))
+        return real_open(url, mode, *args, **kwargs)
+
+    def reading(source, *args, **kwargs):
+        reads.append(str(source))
+        return real_read(source, *args, **kwargs)
+
+    monkeypatch.setattr(fsspec, "open", opening)
+    monkeypatch.setattr(pq, "read_table", reading)
+    return reads
+
+
+def test_the_driver_reads_no_part(scored, tmp_path, monkeypatch):
+    """Memory is bounded by a part: Ray tasks read the parts, the driver only their results."""
+    reads = driver_part_reads(monkeypatch)
+    select(scored, tmp_path, alpha=0.5)
+    select(scored, tmp_path / "b", budget_tokens=2000, dry_run=True)
+    assert reads == []
+    monkeypatch.undo()
+    assert set(table_df(tmp_path / "refined").id) == expected_top(scored, 0.5)
+
+
+def test_split_runs_in_per_part_tasks(scored, tmp_path, monkeypatch, capsys):
+    reads = driver_part_reads(monkeypatch)
+    inside, outside = tmp_path / "d_ref", tmp_path / "pool"
+    split_instances(str(scored / "inst"), 0.3, 7, str(inside), str(outside))
+    assert reads == []
+    monkeypatch.undo()
+    inst = table_df(scored / "inst")
+    mask = in_subset(inst.id.tolist(), 0.3, 7)
+    for root, half in ((inside, inst[mask]), (outside, inst[~mask])):
+        manifest = io.read_json(str(root / io.MANIFEST))
+        got = table_df(root)
+        assert sorted(got.id) == sorted(half.id) and manifest["instances"] == len(half)
+        assert manifest["bytes"] == half.n_bytes.sum()
+        fp = io.RowSetHash()
+        for id_, text in zip(half.id, half.text):
+            fp.add(id_, text)
+        assert manifest["fingerprint"] == fp.hexdigest()
+    capsys.readouterr()
+    split_instances(str(scored / "inst"), 0.3, 7, str(inside), str(outside))
+    assert "already complete" in capsys.readouterr().out
+
+
+def write_tied_tables(root, parts: int = 3, rows: int = 40) -> None:
+    """Instances (ids not in sorted order within a part) and teacher/reference tables (sorted
+    by id, as the score stage writes them) whose difference scores take 3 values: large tie
+    groups that straddle every cut and every part."""
+    rng = np.random.default_rng(0)
+    fp = io.RowSetHash(total=99, count=parts * rows)
+    manifests = {"inst": [], "teacher": [], "reference": []}
+    all_ids = [f"doc{j:04d}" for j in rng.permutation(parts * rows)]
+    for k in range(parts):
+        name = f"part-{k:05d}.parquet"
+        ids = all_ids[k * rows:(k + 1) * rows]
+        n_tokens = rng.integers(1, 50, rows)
+        io.write_parquet(str(root / "inst" / name), pa.table({
+            "id": ids, "text": [f"text of {i}" for i in ids], "n_bytes": n_tokens * 3,
+            "source": ["a" if i % 2 else "b" for i in range(rows)]}))
+        manifests["inst"].append({"name": name, "rows": rows, "bytes": int(n_tokens.sum() * 3)})
+        per_token = {"teacher": -1.0 - rng.integers(0, 3, rows), "reference": np.full(rows, -2.0)}
+        for role in ("teacher", "reference"):
+            table = pa.table({"id": ids, "n_tokens": n_tokens, "logprob": per_token[role] * n_tokens})
+            io.write_parquet(str(root / role / name), table.sort_by("id"))
+            manifests[role].append({"name": name, "rows": rows})
+    io.write_json(str(root / "inst" / io.MANIFEST), {"fingerprint": fp.hexdigest(), "parts": manifests["inst"],
+                                                     "instances": parts * rows})
+    for role in ("teacher", "reference"):
+        io.write_json(str(root / role / io.MANIFEST), {"parts": manifests[role], "provenance": {
+            "instances_fingerprint": fp.hexdigest(), "model_fingerprint": role, "tokenizer_fingerprint": "t"}})
+
+
+@pytest.mark.parametrize("kw", [dict(alpha=0.3), dict(alpha=0.55), dict(budget_tokens=900),
+                                dict(budget_tokens=1700)])
+def test_ties_at_the_cut_are_broken_by_id(tmp_path, ray_session, kw):
+    write_tied_tables(tmp_path)
+    manifest = run_select(SelectConfig(instances=str(tmp_path / "inst"), teacher=str(tmp_path / "teacher"),
+                                       reference=str(tmp_path / "reference"), output=str(tmp_path / "out"), **kw))
+    t, r = table_df(tmp_path / "teacher"), table_df(tmp_path / "reference").set_index("id")
+    df = pd.DataFrame({"id": t.id, "score": (t.logprob / t.n_tokens).values - (r.logprob / r.n_tokens).loc[t.id].values,
+                       "tokens": t.n_tokens.values}).sort_values(["score", "id"], ascending=[False, True])
+    if "alpha" in kw:
+        n_keep = math.floor(kw["alpha"] * len(df))
+    else:
+        n_keep = int(np.searchsorted(df.tokens.cumsum().values, kw["budget_tokens"], side="right"))
+    assert df.score.iloc[n_keep - 1] == df.score.iloc[n_keep]  # the cut splits a tie group
+    refined = table_df(tmp_path / "out")
+    assert set(refined.id) == set(df.id.head(n_keep)) and manifest["instances"] == n_keep
+    assert refined.score.tolist() == df.set_index("id").score.loc[refined.id].tolist()
+
+
+def test_keep_count_is_exact_at_paper_scale():
+    """floor(alpha * N) in floating point keeps one instance too few for 31 of the 999
+    three-decimal alphas at N = 10^8 (0.282 kept 28,199,999)."""
+    n = 10**8
+    for a in range(1, 1000):
+        alpha = float(f"0.{a:03d}")
+        assert keep_count(alpha, n) == a * n // 1000, alpha
+    assert keep_count(0.282, n) == 28_200_000
+    assert keep_count(1.0, n) == n and keep_count(0.5, 93) == 46
+
+
 def test_alpha_edges(scored, tmp_path):
-    assert select(scored, tmp_path / "a0", alpha=0.0)["instances"] == 0
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\]"):
+        SelectConfig(instances="i", teacher="t", reference="r", output="o", alpha=0.0)
+    nothing = select(scored, tmp_path / "a0", alpha=0.001)  # floor(0.093): keeps none
+    assert nothing["instances"] == 0 and nothing["parts"] == [] and nothing["threshold"] == math.inf
     full = select(scored, tmp_path / "a1", alpha=1.0)
     assert full["instances"] == io.read_json(str(scored / "inst" / io.MANIFEST))["instances"]
     assert full["fingerprint"] == io.read_json(str(scored / "inst" / io.MANIFEST))["fingerprint"]
+
+
+@pytest.mark.timeout(600)
+def test_a_rescored_table_is_not_silently_reused(scored, llama_dir, tmp_path, capsys):
+    """The reuse key holds the tables' provenance, not only the models: a teacher table
+    re-scored with another max_length makes the old refined corpus stale."""
+    teacher = tmp_path / "teacher"
+
+    def score(max_length, **kw):
+        run_score(ScoreConfig(instances=str(scored / "inst"), model=str(llama_dir), output=str(teacher),
+                              max_length=max_length, cpus_per_worker=0.5, batch_tokens=2048, **kw))
+
+    def select_again(**kw):
+        return run_select(SelectConfig(instances=str(scored / "inst"), teacher=str(teacher),
+                                       reference=str(scored / "reference"), output=str(tmp_path / "refined"),
+                                       **kw))
+
+    score(32)
+    first = select_again()
+    capsys.readouterr()
+    assert select_again() == first and "already complete" in capsys.readouterr().out
+    score(48, overwrite=True)
+    with pytest.raises(ValueError, match=r"different settings \(teacher differ\)"):
+        select_again()
+    assert "already complete" not in capsys.readouterr().out
+    rebuilt = select_again(overwrite=True)
+    t = table_df(teacher).set_index("id")
+    r = table_df(scored / "reference").set_index("id")
+    score_ = (t.logprob / t.n_tokens - r.logprob.loc[t.index] / r.n_tokens.loc[t.index]).reset_index(name="s")
+    expected = score_.sort_values(["s", "id"], ascending=[False, True]).id.head(len(score_) // 2)
+    assert set(table_df(tmp_path / "refined").id) == set(expected)
+    assert rebuilt["tokens_kept"] == t.loc[list(expected)].n_tokens.sum()
 
 
 def test_tokenizer_mismatch_needs_byte_normalisation(scored, tmp_path):
