@@ -152,12 +152,15 @@ def read_part(root: str, name: str, columns: list[str]) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
-def check_unique_finite(table: pa.Table, what: str) -> None:
+def check_unique(table: pa.Table, what: str) -> None:
     n_unique = pc.count_distinct(table["id"]).as_py()
     if n_unique != table.num_rows:
         counts = pc.value_counts(table["id"])
         dup = next(c["values"] for c in counts.to_pylist() if c["counts"] > 1)
         raise ValueError(f"{what}: {table.num_rows - n_unique} duplicate ids (e.g. {dup!r})")
+
+
+def check_finite(table: pa.Table, what: str) -> None:
     logprob = table["logprob"].to_numpy()
     bad = np.flatnonzero(~np.isfinite(logprob))
     if len(bad):
@@ -165,19 +168,22 @@ def check_unique_finite(table: pa.Table, what: str) -> None:
                          f"{table['id'][int(bad[0])].as_py()!r} ({len(bad)} rows)")
 
 
-def align(ids: pa.ChunkedArray, table: pa.Table, role: str, part: str) -> pa.Table:
-    """`table`'s rows in the order of the instance ids `ids`; every id exactly once."""
+def align(ids: pa.ChunkedArray, table: pa.Table, what: str, role: str, part: str) -> pa.Table:
+    """`table`'s rows in the order of the instance ids `ids`, refused unless it holds each of
+    them exactly once. (Instance ids are unique: then as many rows as ids, every id found,
+    means no duplicate and no unknown id.)"""
     if table.num_rows == len(ids) and table["id"].equals(ids):
         return table
     position = pc.index_in(ids, value_set=table["id"].combine_chunks())
+    if table.num_rows == len(ids) and not position.null_count:
+        return table.take(position)
+    check_unique(table, what)
     unknown = pc.invert(pc.is_in(table["id"], value_set=ids.combine_chunks()))
     n_unknown = pc.sum(unknown).as_py() or 0
-    if position.null_count or n_unknown:
-        missing = ids.filter(pc.is_null(position))
-        example = missing[0] if len(missing) else table["id"].filter(unknown)[0]
-        raise ValueError(f"{role} table does not cover the instances: {len(missing)} instance ids "
-                         f"missing, {n_unknown} unknown ids in part {part} (e.g. {example.as_py()!r})")
-    return table.take(position)
+    missing = ids.filter(pc.is_null(position))
+    example = missing[0] if len(missing) else table["id"].filter(unknown)[0]
+    raise ValueError(f"{role} table does not cover the instances: {len(missing)} instance ids "
+                     f"missing, {n_unknown} unknown ids in part {part} (e.g. {example.as_py()!r})")
 
 
 def read_joined_part(cfg: SelectConfig, name: str, columns: list[str]) -> pa.Table:
@@ -187,8 +193,8 @@ def read_joined_part(cfg: SelectConfig, name: str, columns: list[str]) -> pa.Tab
     roles = [("teacher", cfg.teacher, "t")] + ([("reference", cfg.reference, "r")] if uses_reference(cfg) else [])
     for role, root, prefix in roles:
         table = read_part(root, name, ["id", "n_tokens", "logprob"])
-        check_unique_finite(table, f"{role} table {root}")
-        table = align(instances["id"], table, role, name)
+        table = align(instances["id"], table, f"{role} table {root}", role, name)
+        check_finite(table, f"{role} table {root}")
         instances = instances.append_column(f"{prefix}_tokens", table["n_tokens"])
         instances = instances.append_column(f"{prefix}_logprob", table["logprob"])
     return instances
@@ -279,13 +285,14 @@ def write_part(cfg: SelectConfig, name: str, kept_rows: np.ndarray, threshold: f
 def part_statistics(table: pa.Table, score: np.ndarray, kept: np.ndarray) -> dict:
     """Per-source counts and sums of one part (they add up across parts)."""
     tokens = table["t_tokens"].to_numpy()
-    sources = table["source"].to_numpy(zero_copy_only=False)
-    per_source = {}
-    for source in np.unique(sources):
-        mask = sources == source
-        per_source[str(source)] = {"kept": int((mask & kept).sum()), "dropped": int((mask & ~kept).sum()),
-                                   "tokens_kept": int(tokens[mask & kept].sum()),
-                                   "score_sum": float(score[mask].sum())}
+    sources = pc.dictionary_encode(table["source"].combine_chunks())
+    code, n = sources.indices.to_numpy(), len(sources.dictionary)
+    rows, kept_rows = np.bincount(code, minlength=n), np.bincount(code[kept], minlength=n)
+    tokens_kept = np.bincount(code[kept], weights=tokens[kept], minlength=n)
+    score_sum = np.bincount(code, weights=score, minlength=n)
+    per_source = {source: {"kept": int(kept_rows[i]), "dropped": int(rows[i] - kept_rows[i]),
+                           "tokens_kept": int(tokens_kept[i]), "score_sum": float(score_sum[i])}
+                  for i, source in enumerate(sources.dictionary.to_pylist())}
     return {"tokens_total": int(tokens.sum()), "tokens_kept": int(tokens[kept].sum()),
             "per_source": per_source}
 
