@@ -93,3 +93,37 @@ def test_config_errors_name_the_key(override, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", override])
     assert not (tmp_path / "never").exists()
+
+
+def test_students_take_kd_and_a_step_budget(tmp_path):
+    cfg = load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}",
+                                      "students[2]={name: kd, corpus: random, steps: 25, "
+                                      "kd: {teacher: teacher, weight: 0.3}}"])
+    kd = cfg.students[2]
+    assert kd.steps == 25 and kd.tokens is None
+    assert kd.kd.teacher == "teacher" and kd.kd.weight == 0.3 and kd.kd.temperature == 1.0
+    with pytest.raises(ValueError, match=r"students\[0\]: give exactly one budget"):
+        load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", "students[0].steps=10"])
+    assert not (tmp_path / "never").exists()
+
+
+def test_kd_teacher_with_another_tokenizer_is_refused_at_config_time(tmp_path, tokenizer_dir, gpt2_eos_only_dir):
+    with pytest.raises(ValueError, match=r"students\[0\]\.kd\.teacher: .* another tokenizer"):
+        load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", f"tokenizer={tokenizer_dir}",
+                                    f"students[0].kd={{teacher: {gpt2_eos_only_dir}}}"])
+
+
+def test_pile_qwen_config_shows_the_papers_four_arms():
+    import yaml
+
+    from miniplm.config import build
+    from miniplm.pipeline import StudentSpec
+
+    path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "pile-qwen.yaml")
+    with open(path) as f:
+        students = [build(StudentSpec, s) for s in yaml.safe_load(f)["students"]]
+    for size, kd_steps in [("200m", 25_000), ("500m", 45_000), ("1.2b", 65_000)]:
+        arms = {(s.corpus, s.kd is not None, s.steps) for s in students if s.preset == f"qwen-{size}"}
+        assert arms == {("full", False, 100_000), ("full", True, kd_steps),
+                        ("refined", False, 100_000), ("refined", True, kd_steps)}, size
+    assert all(s.kd.teacher == "teacher" and s.kd.weight == 0.5 for s in students if s.kd)
