@@ -11,13 +11,19 @@ to the optimizer, never synced). Its forward runs each model's backbone once for
 with LM the mean next-token cross-entropy and KL the mean per-token divergence between the
 temperature-softened distributions over the vocabulary, both averaged over the positions that
 have a next token (as HF's `labels=` loss does). tau^2 keeps the KL's gradient scale
-independent of tau (Hinton et al., 2015); at tau = 1 the term is the plain KL. Each block runs
-under `torch.utils.checkpoint`, so its (chunk, V) logits, student and teacher, are recomputed
-in the backward pass instead of being kept: the peak is one block's logits, not [B, T, V].
-The recompute costs one extra LM-head forward per model (not counted in MFU, which counts model
-FLOPs). Models whose logits are not `lm_head(last_hidden_state)` (soft-capping, scaling) fall
-back to the model's own logits, still reduced block by block in float32 (their [B, T, V]
-logits then exist, in the model's dtype).
+independent of tau (Hinton et al., 2015); at tau = 1 the term is the plain KL.
+
+Each block's gradient with respect to its logits is closed-form (softmax minus one-hot for the
+LM term, tau x (student softmax minus teacher probabilities) for the KL), so `BlockedHeadLoss`
+computes it in the forward pass, right after the block's logits, and folds it into the
+gradients of the hidden states (N, H) and of the head (V, H); the backward only scales those.
+No block's logits outlive the block, and nothing is recomputed: per-block activation
+checkpointing (`torch.utils.checkpoint`) would hold the same memory but run both models' LM
+heads and softmaxes twice, which at Qwen's 151k vocabulary is ~18% more compute for a 200M
+student. Peak extra memory: a few (chunk, V) float32 blocks, plus the stored gradients.
+Models whose logits are not `lm_head(last_hidden_state)` (soft-capping, scaling) fall back
+to the model's own logits, still reduced block by block in float32 (their [B, T, V] logits
+then exist, in the model's dtype, and so does their gradient).
 
 The teacher's vocabulary may be padded beyond the student's (Qwen1.5: 151,936 rows for a
 151,646-token tokenizer): the KL runs over the shared first min(V_s, V_t) ids, the teacher
@@ -35,7 +41,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # target of the last position of each row: nothing follows it
 
@@ -100,30 +105,17 @@ class Objective(torch.nn.Module):
         n_targets = B * (T - 1)
         s_in, s_weight, s_bias = _features(self.student, self.student_plain, input_ids)
         teacher = self.teacher
-        t_blocks = None
+        t_in = t_weight = t_bias = None
         if teacher is not None:
             with torch.no_grad():
-                t_in, _, _ = _features(teacher, self.teacher_plain, input_ids)
-            t_weight, t_bias = self._teacher_head if self.teacher_plain else (None, None)
-            t_blocks = t_in.split(self.chunk_tokens)
-        # split once: its backward concatenates the blocks' gradients in one allocation
-        lm_sum = kd_sum = None
-        for k, (s_block, target_block) in enumerate(zip(s_in.split(self.chunk_tokens),
-                                                        targets.split(self.chunk_tokens))):
-            args = (s_block, s_weight, s_bias, target_block,
-                    None if t_blocks is None else t_blocks[k],
-                    *((t_weight, t_bias) if teacher is not None else (None, None)), self.temperature)
-            if torch.is_grad_enabled():
-                lm, kd = checkpoint(block_losses, *args, use_reentrant=False)
-            else:
-                lm, kd = block_losses(*args)
-            lm_sum = lm if lm_sum is None else lm_sum + lm
-            kd_sum = kd if kd_sum is None else kd_sum + kd
-        lm_loss, kd_loss = lm_sum / n_targets, kd_sum / n_targets
-        if teacher is None:
-            return torch.stack([lm_loss, lm_loss, kd_loss])
-        total = (1.0 - self.weight) * lm_loss + self.weight * kd_loss
-        return torch.stack([total, lm_loss, kd_loss])
+                t_in, _, _ = _features(teacher, self.teacher_plain, input_ids)  # (B*T, H_t)
+            if self.teacher_plain:
+                t_weight, t_bias = self._teacher_head
+        total, lm, kd = BlockedHeadLoss.apply(
+            s_in, s_weight, s_bias, targets, t_in, t_weight, t_bias,
+            self.weight if teacher is not None else 0.0, self.temperature, self.chunk_tokens,
+            torch.is_grad_enabled())
+        return torch.stack([total, lm, kd]) / n_targets
 
     def lm_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The student's mean next-token loss alone (held-out evaluation): no teacher pass."""
@@ -154,31 +146,81 @@ def _features(model, plain: bool, input_ids: torch.Tensor):
     return logits.reshape(-1, logits.shape[-1]), None, None
 
 
-def block_losses(s_in, s_weight, s_bias, targets, t_in, t_weight, t_bias, temperature: float):
-    """Summed cross-entropy and summed tau^2-scaled KL over one block of positions, float32.
-    s_in: (n, H) student hidden states (or (n, V) logits when s_weight is None); t_in: the
-    teacher's, or None. Positions whose target is IGNORE count in neither sum."""
-    with torch.autocast(s_in.device.type, enabled=False):  # the head and softmax in float32
-        logits = _head(s_in, s_weight, s_bias)  # (n, V_s)
-        logp = torch.log_softmax(logits, dim=-1)
-        lm = F.nll_loss(logp, targets, ignore_index=IGNORE, reduction="sum")
-        if t_in is None:
-            return lm, lm.new_zeros(())
-        with torch.no_grad():
-            t_logits = _head(t_in, t_weight, t_bias)  # (n, V_t)
-            vocab = min(t_logits.shape[-1], logits.shape[-1])
-            t_logp = torch.log_softmax(t_logits[:, :vocab] / temperature, dim=-1)  # (n, V)
-            t_p = t_logp.exp()
-        s_logp = logp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
-        kl = (t_p * (t_logp - s_logp[:, :vocab])).sum(-1)  # (n,) per-token KL(p_t || p_s)
-        kl = torch.where(targets != IGNORE, kl, torch.zeros_like(kl)).sum()
-        return lm, kl * temperature**2
+class BlockedHeadLoss(torch.autograd.Function):
+    """Summed losses over N positions, one block of `chunk` positions at a time, in float32:
+    (total, LM, KL) with total = (1 - w) LM + w KL (w = 0: no teacher), only total
+    differentiable. s_in: (N, H) student hidden states, or (N, V) logits when s_weight is None;
+    t_in likewise for the teacher, or None. Targets equal to IGNORE count in no sum."""
+
+    @staticmethod
+    def forward(ctx, s_in, s_weight, s_bias, targets, t_in, t_weight, t_bias, weight: float,
+                temperature: float, chunk: int, need_grad: bool):
+        grad_in = torch.empty_like(s_in) if need_grad and s_in.requires_grad else None
+        grad_w = (torch.zeros(s_weight.shape, dtype=torch.float32, device=s_in.device)
+                  if need_grad and s_weight is not None and s_weight.requires_grad else None)
+        grad_b = (torch.zeros(s_bias.shape, dtype=torch.float32, device=s_in.device)
+                  if need_grad and s_bias is not None and s_bias.requires_grad else None)
+        w32 = None if s_weight is None else s_weight.float()
+        lm_sum = kd_sum = None
+        with torch.autocast(s_in.device.type, enabled=False):  # the head and softmax in float32
+            for a in range(0, s_in.shape[0], chunk):
+                x = s_in[a:a + chunk].float()  # (n, H) or (n, V)
+                logits = x if w32 is None else F.linear(x, w32, None if s_bias is None else s_bias.float())
+                t_logits = None
+                if t_in is not None:
+                    t_block = t_in[a:a + chunk].float()
+                    t_logits = t_block if t_weight is None else F.linear(
+                        t_block, t_weight.float(), None if t_bias is None else t_bias.float())
+                lm, kd, dlogits = _block(logits, targets[a:a + chunk], t_logits, weight, temperature,
+                                         need_grad)
+                lm_sum = lm if lm_sum is None else lm_sum + lm
+                kd_sum = kd if kd_sum is None else kd_sum + kd
+                if grad_in is not None:
+                    grad_in[a:a + chunk] = dlogits if w32 is None else dlogits @ w32  # (n, H)
+                if grad_w is not None:
+                    grad_w.addmm_(dlogits.T, x)  # (V, H)
+                if grad_b is not None:
+                    grad_b += dlogits.sum(0)
+        ctx.grads = (grad_in, grad_w, grad_b)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (s_in, s_weight, s_bias))
+        total = lm_sum.clone() if t_in is None else (1.0 - weight) * lm_sum + weight * kd_sum
+        ctx.mark_non_differentiable(lm_sum, kd_sum)
+        return total, lm_sum, kd_sum
+
+    @staticmethod
+    def backward(ctx, g_total, g_lm, g_kd):
+        grads = [None if g is None else (g * g_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
-def _head(x, weight, bias):
-    if weight is None:  # already logits
-        return x.float()
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+def _block(logits, targets, t_logits, weight: float, temperature: float, need_grad: bool):
+    """One block: summed CE, summed tau^2 KL, and d(total)/d(logits) (None without need_grad).
+    logits (n, V) float32, targets (n,), t_logits (n, V_t) float32 or None."""
+    valid = targets != IGNORE  # (n,)
+    logp = torch.log_softmax(logits, dim=-1)  # (n, V)
+    lm = F.nll_loss(logp, targets, ignore_index=IGNORE, reduction="sum")
+    kd = lm.new_zeros(())
+    grad = None
+    if need_grad:  # d CE / d logits = softmax - one-hot
+        grad = logp.exp()
+        rows = torch.arange(len(targets), device=targets.device)[valid]
+        grad[rows, targets[valid]] -= 1.0
+        grad.masked_fill_(~valid[:, None], 0.0)
+    if t_logits is None:
+        return lm, kd, grad
+    vocab = min(t_logits.shape[-1], logits.shape[-1])  # a padded teacher vocabulary: shared ids
+    t_logp = torch.log_softmax(t_logits[:, :vocab] / temperature, dim=-1)  # (n, V)
+    t_p = t_logp.exp()
+    s_logp = logp if temperature == 1.0 else torch.log_softmax(logits / temperature, dim=-1)
+    kl = (t_p * (t_logp - s_logp[:, :vocab])).sum(-1)  # (n,) per-token KL(p_t || p_s)
+    kd = kl.masked_fill(~valid, 0.0).sum() * temperature**2
+    if need_grad:  # d tau^2 KL / d logits = tau * (softmax(logits / tau) - p_t)
+        g_kd = s_logp.exp()
+        g_kd[:, :vocab] -= t_p
+        g_kd.mul_(temperature).masked_fill_(~valid[:, None], 0.0)
+        grad = (1.0 - weight) * grad + weight * g_kd
+    return lm, kd, grad
 
 
 @torch.no_grad()
