@@ -75,6 +75,23 @@ def test_adding_a_student_trains_only_that_student(demo_run, ray_session):
     assert {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")} == tables
 
 
+@pytest.mark.timeout(600)
+def test_a_vanilla_kd_student_distils_from_the_pipelines_teacher(demo_run, ray_session):
+    out, _ = demo_run
+    cfg = load_pipeline(DEMO_CONFIG, [f"output={out}", *quick_overrides(),
+                                      "students[2]={name: vanilla-kd, corpus: random, preset: tiny, "
+                                      "tokens: 16000, kd: {teacher: teacher}}"])
+    log = {name: status for name, status, _ in run_pipeline(cfg)["steps"]}
+    assert log["train student vanilla-kd"] == "ran" and log["train teacher"] == "reused"
+    train = io.read_json(str(out / "students" / "vanilla-kd" / "config.json"))["train"]
+    assert train["kd"] == {"teacher": str(out / "teacher" / "final"), "weight": 0.5, "temperature": 1.0}
+    summary = io.read_json(str(out / "report" / "report.json"))
+    kd, vanilla = summary["runs"]["vanilla-kd"], summary["runs"]["vanilla"]
+    assert kd["teacher_flops"] > 0 and vanilla["teacher_flops"] == 0
+    assert kd["flops"] == kd["student_flops"] + kd["teacher_flops"]
+    assert "offline_teacher" in summary["runs"]["miniplm"] and "offline_teacher" not in vanilla
+
+
 def quick_overrides() -> list[str]:
     from miniplm.pipeline import QUICK
 
