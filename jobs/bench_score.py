@@ -35,11 +35,6 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-# dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name
-DEVICE_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
-                ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12)]
-
-
 def mixed_length_corpus(n_docs: int, seed: int = 0) -> list[str]:
     """Slices of standard-library source: lengths spread from a line to a few pages."""
     files = sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
@@ -279,6 +274,8 @@ def run_scorer_memory(args, docs: list[str], model_dir: str) -> dict:
 def device_peak(device: str) -> tuple[float, str]:
     """The device's dense bf16 peak FLOP/s and where that figure comes from."""
     import torch
+
+    from miniplm.distill import DEVICE_PEAKS  # the one table, shared with training's MFU
 
     name = torch.cuda.get_device_name()
     for key, peak in DEVICE_PEAKS:

@@ -13,7 +13,7 @@ import time
 import fsspec
 
 from miniplm import io
-from miniplm.models import count_params, load_tokenizer
+from miniplm.models import load_tokenizer
 from miniplm.sampler import CacheSampler
 from miniplm.tokens import read_sequences
 from miniplm.train import TrainConfig
@@ -58,6 +58,7 @@ def train_loop(loop_config: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from miniplm import distill
     from miniplm.config import build
 
     cfg: TrainConfig = build(TrainConfig, loop_config["cfg"])
@@ -68,10 +69,13 @@ def train_loop(loop_config: dict) -> None:
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     hf_config = loop_config["hf_config"]
-    model = AutoModelForCausalLM.from_config(hf_config).to(device)
-    n_params = count_params(model)
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
-    raw_model = model.module if hasattr(model, "module") else model
+    raw_model = AutoModelForCausalLM.from_config(hf_config).to(device)  # the student
+    # its loss (and the frozen teacher of cfg.kd, loaded after the student's init, kept out of
+    # the student's module tree: no gradient, optimizer state, DDP sync or checkpoint)
+    objective = distill.build_objective(raw_model, cfg, device)
+    teacher = objective.teacher
+    student_fpt, teacher_fpt = objective.flops_per_token(cfg.data.seq_len)
+    model = ray.train.torch.prepare_model(objective)  # DDP when world > 1
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -97,7 +101,11 @@ def train_loop(loop_config: dict) -> None:
     if loop_config.get("eval_cache") and rank == 0:
         root, manifest = loop_config["eval_cache"]
         eval_seqs = torch.from_numpy(read_sequences(root, manifest, cfg.eval.max_sequences))
-    peak = cfg.peak_flops or measure_peak_flops(device)
+    peak, peak_source = ((cfg.peak_flops, "config: peak_flops") if cfg.peak_flops else
+                         distill.table_peak(device) or (measure_peak_flops(device), "measured matmul rate"))
+    if rank == 0:
+        print(f"train: FLOPs {objective.flops_formula(cfg.data.seq_len)}; MFU against "
+              f"{peak:.3g} FLOP/s ({peak_source})", flush=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
 
     resumed_from = state["step"]
@@ -111,14 +119,14 @@ def train_loop(loop_config: dict) -> None:
     for step in range(state["step"], cfg.total_steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros(3, device=device)  # total, LM, KL
         for micro in range(cfg.grad_accum):
             x = next(batches).to(device)  # (B, T)
             sync = micro == cfg.grad_accum - 1 or world == 1
             with (_null() if sync else model.no_sync()), autocast:
-                loss = model(input_ids=x, labels=x).loss
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
+                losses = model(x)  # (3,): total, LM, KL; chunked, no [B, T, V] float32 logits
+            (losses[0] / cfg.grad_accum).backward()
+            loss_sum += losses.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.optim.grad_clip or float("inf"))
         opt.step()
@@ -134,23 +142,30 @@ def train_loop(loop_config: dict) -> None:
         now = time.perf_counter()
         dt, last_time = now - last_time, now
         tokens_per_s = seq_tokens * cfg.grad_accum * world / dt
-        row = {"step": state["step"], "tokens": state["tokens"], "flops": 6 * n_params * state["tokens"],
-               "loss": round(loss_avg.item(), 6),
+        total, lm, kl = loss_avg.tolist()
+        row = {"step": state["step"], "tokens": state["tokens"],
+               "flops": (student_fpt + teacher_fpt) * state["tokens"],
+               "student_flops": student_fpt * state["tokens"], "teacher_flops": teacher_fpt * state["tokens"],
+               "loss": round(total, 6),
+               **({"lm_loss": round(lm, 6), "kd_loss": round(kl, 6)} if teacher is not None else {}),
                "lr": lr_at(step, cfg), "grad_norm": round(float(grad_norm), 6),
                "tokens_per_s": round(tokens_per_s, 1), "passes": state["epoch"],
-               "mfu": round(6 * n_params * tokens_per_s / (peak * world), 5)}
+               "mfu": round((student_fpt + teacher_fpt) * tokens_per_s / (peak * world), 5),
+               "mfu_peak_source": peak_source}
+        if step == resumed_from:  # how FLOPs were counted, once per start of the loop
+            row["flops_formula"] = objective.flops_formula(cfg.data.seq_len)
         last = state["step"] == cfg.total_steps
         if checkpoint and step == resumed_from:  # where a restore happened, for whoever reads the log
             row["resumed_from"] = resumed_from
         if eval_seqs is not None and (last or (cfg.eval.every and state["step"] % cfg.eval.every == 0)):
-            row["eval_loss"] = round(eval_loss(raw_model, eval_seqs, cfg.micro_batch, device), 6)
+            row["eval_loss"] = round(eval_loss(objective, eval_seqs, cfg.micro_batch, device), 6)
         checkpoint_now = state["step"] % cfg.checkpoint_every == 0 or last
         if checkpoint_now and world > 1:  # DDP health: every replica must hold the same weights
             row["replica_param_sums"] = replica_param_sums(raw_model, world)
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            noteworthy = last or checkpoint_now or row.keys() & {"eval_loss", "resumed_from"}
+            noteworthy = last or checkpoint_now or row.keys() & {"eval_loss", "resumed_from", "flops_formula"}
             if state["step"] % cfg.log_every == 0 or noteworthy:
                 metrics.append(row)
         if checkpoint_now:
@@ -206,17 +221,18 @@ def replica_param_sums(model, world: int) -> list[float]:
     return sums
 
 
-def eval_loss(model, seqs, micro_batch: int, device) -> float:
+def eval_loss(objective, seqs, micro_batch: int, device) -> float:
+    """The student's mean next-token loss on held-out sequences (chunked LM head, no teacher)."""
     import torch
 
-    model.eval()
+    objective.eval()
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(seqs), micro_batch):
             x = seqs[i:i + micro_batch].to(device)
-            total += model(input_ids=x, labels=x).loss.item() * len(x)
+            total += objective.lm_loss(x).item() * len(x)
             n += len(x)
-    model.train()
+    objective.train()
     return total / n
 
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from miniplm import io
 from miniplm.config import describe, field, to_dict
 from miniplm.models import PRESETS, is_tokenizer_dir
+from miniplm.train import KDSpec
 
 CORPUS_KINDS = ("refined", "random", "full")
 
@@ -60,8 +61,11 @@ class StudentSpec:
     preset: str | None = field("tiny", help="model preset")
     config: str | None = field(None, path=True, help="HF config.json instead of a preset")
     tokenizer: str | None = field(None, path=True, help="tokenizer folder (default: the pipeline's)")
-    tokens: int = field(help="training budget in tokens")
+    tokens: int | None = field(None, help="training budget in tokens (or give steps)")
+    steps: int | None = field(None, help="training budget in steps of train.batch_tokens (or give tokens)")
     seed: int = field(0, help="init and data order seed")
+    kd: KDSpec | None = field(None, help="online distillation: {teacher: teacher (the pipeline's) | PATH, "
+                                         "weight, temperature}; the teacher must share the student's tokenizer")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -127,8 +131,23 @@ class PipelineConfig:
                 raise ValueError(f"students[{i}].corpus: {s.corpus!r} is not one of {', '.join(CORPUS_KINDS)}")
             if s.config is None:
                 _check_preset(f"students[{i}].preset", s.preset)
-            if s.tokens <= 0:
-                raise ValueError(f"students[{i}].tokens: the budget must be > 0")
+            if (s.tokens is None) == (s.steps is None):
+                raise ValueError(f"students[{i}]: give exactly one budget, tokens or steps")
+            budget = "tokens" if s.tokens is not None else "steps"
+            if getattr(s, budget) <= 0:
+                raise ValueError(f"students[{i}].{budget}: the budget must be > 0")
+            if not s.kd:
+                continue
+            teacher = self.teacher.checkpoint if s.kd.teacher == "teacher" else s.kd.teacher
+            tokenizer = s.tokenizer or self.tokenizer
+            if teacher and tokenizer:  # both exist already: a mismatch fails now, not hours in
+                from miniplm.distill import check_teacher
+                from miniplm.models import load_tokenizer_checked
+
+                try:
+                    check_teacher(teacher, load_tokenizer_checked(tokenizer), self.train.seq_len)
+                except ValueError as err:
+                    raise ValueError(f"students[{i}].{err}") from None
         if self.tokenizer and not is_tokenizer_dir(self.tokenizer):
             raise ValueError(f"tokenizer: no tokenizer folder at {self.tokenizer}")
 
@@ -297,8 +316,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     for st in cfg.students:
         run_dir = p("students", st.name)
+        kd = st.kd
+        if kd and kd.teacher == "teacher":
+            kd = dataclasses.replace(kd, teacher=models["teacher"])
         train_cfg = _train_config(cfg, run_dir, corpora[st.corpus], st.tokenizer or tokenizer,
-                                  st.preset, st.config, st.tokens, st.seed, eval_data=p("heldout"))
+                                  st.preset, st.config, st.tokens, st.seed, eval_data=p("heldout"),
+                                  steps=st.steps, kd=kd)
         step(f"train student {st.name}", os.path.join(run_dir, "_done.json"), _train, train_cfg)
         step(f"eval student {st.name}", os.path.join(run_dir, "eval.json"), _eval_once,
              EvalConfig(model=os.path.join(run_dir, "final"), data=p("heldout"),
@@ -344,8 +367,8 @@ def _eval_once(eval_cfg):
     return run_eval(eval_cfg)
 
 
-def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, preset, config, tokens: int,
-                  seed: int, eval_data: str):
+def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, preset, config,
+                  tokens: int | None, seed: int, eval_data: str, steps: int | None = None, kd=None):
     from miniplm.train import DataSpec, EvalSpec, ModelSpec, OptimSpec, TrainConfig
 
     t = cfg.train
@@ -354,9 +377,9 @@ def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, p
         data=DataSpec(path=data, seq_len=t.seq_len, seed=seed),
         optim=OptimSpec(lr=t.lr, warmup_steps=t.warmup_steps),
         eval=EvalSpec(data=eval_data, every=t.eval_every),
-        tokens=tokens, batch_tokens=t.batch_tokens, micro_batch=t.micro_batch, num_workers=t.num_workers,
-        cpus_per_worker=t.cpus_per_worker, torch_threads=t.torch_threads, use_gpu=t.use_gpu, seed=seed,
-        checkpoint_every=t.checkpoint_every,
+        tokens=tokens, steps=steps, batch_tokens=t.batch_tokens, micro_batch=t.micro_batch,
+        num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, torch_threads=t.torch_threads,
+        use_gpu=t.use_gpu, seed=seed, checkpoint_every=t.checkpoint_every, kd=kd,
         token_cache=os.path.join(cfg.output, "tokens"))  # one cache per content for every run here
 
 

@@ -5,6 +5,14 @@ A run folder (from `miniplm train`) holds `metrics.jsonl` (with periodic `eval_l
 paper's headline number: how many times fewer training FLOPs the treatment needs to reach the
 baseline's final held-out loss, with the treatment's crossing point interpolated on its curve
 (linear in log FLOPs); "not reached" when its curve never gets there.
+
+Training FLOPs are counted per model: the student's (6N per token plus attention) and an online
+KD teacher's forward passes (2N per token plus attention); `flops` is their sum, and runs are
+also compared at one total budget, the smallest any run reached. A MiniPLM student's corpus
+also cost a one-off offline teacher pass over the pool (2N per token x scored tokens); it is
+found through the run's config.json -> its corpus's select manifest -> the teacher score table
+-> the teacher checkpoint, and stated amortised over the students here that reuse that table
+(or as unknown when any link is unreachable).
 """
 
 from __future__ import annotations
@@ -47,7 +55,55 @@ def load_run(path: str) -> dict:
                           np.array([r["eval_loss"] for r in evals], dtype=float))}
     eval_json = io.join(path, "eval.json")
     run["eval"] = io.read_json(eval_json) if io.exists(eval_json) else None
+    run["offline"] = offline_teacher_pass(path)
     return run
+
+
+def offline_teacher_pass(run_path: str) -> dict | None:
+    """The teacher scoring pass behind a run's corpus: {"table", "flops" (None: unknown), "why"};
+    None when the corpus was not selected with a teacher's scores (or the run records no config)."""
+    config_path = io.join(run_path, "config.json")
+    if not io.exists(config_path):
+        return None
+    data = io.read_json(config_path).get("train", {}).get("data", {}).get("path")
+    manifest_path = io.join(data, io.MANIFEST) if data else None
+    if not manifest_path or not io.exists(manifest_path):
+        return None
+    selection = io.read_json(manifest_path)
+    if selection.get("stage") != "select" or selection.get("method") == "random":
+        return None  # not chosen by teacher scores: the pass is not this run's cost
+    table = (selection.get("inputs", {}).get("teacher") or {}).get("path")
+    entry = {"table": table, "flops": None}
+    if not table or not io.exists(io.join(table, io.MANIFEST)):
+        return {**entry, "why": f"teacher score table {table} unreachable"}
+    scores = io.read_json(io.join(table, io.MANIFEST))
+    model, tokens = scores.get("provenance", {}).get("model"), scores.get("tokens")
+    if not model or tokens is None or not io.exists(io.join(model, "config.json")):
+        return {**entry, "why": f"teacher checkpoint {model} unreachable"}
+    per_token = forward_flops_per_token(model, scores["provenance"].get("max_length"))
+    return {**entry, "flops": per_token * tokens, "tokens": tokens, "teacher": model,
+            "why": f"2N + attention at {scores['provenance'].get('max_length')} context, x {tokens:,} scored tokens"}
+
+
+def forward_flops_per_token(model_path: str, context: int | None) -> int:
+    """A checkpoint's forward FLOPs per token, counted as training counts them (distill), from
+    its config alone: the model is built on the meta device, no weights read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from miniplm.distill import flops_per_token
+
+    config = AutoConfig.from_pretrained(io.local_copy(io.join(model_path, "config.json")))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return flops_per_token(model, context or 0, training=False)
+
+
+def loss_at(curve: Curve, flops: float) -> float | None:
+    """Held-out loss at `flops` on the curve (linear in log FLOPs); None outside its range."""
+    if not len(curve.flops) or not curve.flops[0] <= flops <= curve.flops[-1]:
+        return None
+    return float(np.interp(math.log(flops), np.log(curve.flops), curve.loss))
 
 
 def flops_to_reach(curve: Curve, target: float) -> float | None:
@@ -101,12 +157,25 @@ def run_report(cfg: ReportConfig) -> dict:
     base = by_name[cfg.baseline] if cfg.baseline else runs[0]
     treat = by_name[cfg.treatment] if cfg.treatment else (runs[1] if len(runs) > 1 else None)
     factor = compute_saving_factor(base["curve"], treat["curve"]) if treat else None
+    equal = min(float(r["curve"].flops[-1]) for r in runs)  # a total budget every run reached
     summary = {"baseline": base["name"], "treatment": treat["name"] if treat else None,
-               "compute_saving_factor": factor, "runs": {}}
+               "compute_saving_factor": factor, "equal_flops": equal, "runs": {}}
+    sharing: dict[str, int] = {}  # teacher score table -> students here whose corpus it selected
+    for run in runs:
+        if run["offline"]:
+            sharing[run["offline"]["table"]] = sharing.get(run["offline"]["table"], 0) + 1
     for run in runs:
         last = run["rows"][-1]
         entry = {"steps": last["step"], "tokens": last["tokens"], "flops": last["flops"],
+                 "student_flops": last.get("student_flops", last["flops"]),
+                 "teacher_flops": last.get("teacher_flops", 0),
+                 "eval_loss_at_equal_flops": loss_at(run["curve"], equal),
                  "final_eval_loss": float(run["curve"].loss[-1]), "power_law": fit_power_law(run["curve"])}
+        if run["offline"]:
+            off = run["offline"]
+            students = sharing[off["table"]]
+            entry["offline_teacher"] = {**off, "students": students,
+                                        "flops_per_student": off["flops"] / students if off["flops"] else None}
         if run["eval"]:
             entry.update(bits_per_byte=run["eval"]["bits_per_byte"],
                          loss_per_token=run["eval"]["loss_per_token"],
@@ -122,13 +191,33 @@ def run_report(cfg: ReportConfig) -> dict:
 
 def markdown_table(summary: dict) -> str:
     tasks = sorted({t for r in summary["runs"].values() for t in r.get("tasks", {})})
-    head = ["run", "tokens", "FLOPs", "held-out loss", "bits/byte", *tasks]
+    equal = summary.get("equal_flops")
+    head = ["run", "tokens", "student FLOPs", "teacher FLOPs", "total FLOPs", "held-out loss",
+            f"loss @ {equal:.3g} FLOPs" if equal else "loss @ equal FLOPs", "offline teacher / student",
+            "bits/byte", *tasks]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in summary["runs"].items():
         bpb = f"{r['bits_per_byte']:.4f}" if "bits_per_byte" in r else "-"
         accs = [f"{r['tasks'][t]:.3f}" if r.get("tasks", {}).get(t) is not None else "-" for t in tasks]
-        lines.append("| " + " | ".join([name, f"{r['tokens']:,}", f"{r['flops']:.3g}",
-                                        f"{r['final_eval_loss']:.4f}", bpb, *accs]) + " |")
+        at_equal = r.get("eval_loss_at_equal_flops")
+        off = r.get("offline_teacher")
+        offline = "-" if not off else (f"{off['flops_per_student']:.3g}" if off["flops"] else "unknown")
+        lines.append("| " + " | ".join([name, f"{r['tokens']:,}", f"{r.get('student_flops', r['flops']):.3g}",
+                                        f"{r.get('teacher_flops', 0):.3g}", f"{r['flops']:.3g}",
+                                        f"{r['final_eval_loss']:.4f}",
+                                        f"{at_equal:.4f}" if at_equal is not None else "-", offline,
+                                        bpb, *accs]) + " |")
+    lines += ["", "FLOPs: student 6N + attention per token trained, online KD teacher 2N + attention per "
+                  "token (N: weights multiplied per token, LM head included); total = their sum."]
+    if equal:
+        lines.append(f"Runs compared at {equal:.3g} total FLOPs, the smallest budget all of them reached.")
+    for names, off in _offline_passes(summary).values():
+        if off["flops"]:
+            lines.append(f"- offline teacher pass behind {', '.join(names)}: {off['flops']:.3g} FLOPs once "
+                         f"({off['why']}), shared by the {off['students']} student(s) here: "
+                         f"{off['flops_per_student']:.3g} each; not in the curves, which count training FLOPs")
+        else:
+            lines.append(f"- offline teacher pass behind {', '.join(names)}: FLOPs unknown ({off['why']})")
     factor = summary["compute_saving_factor"]
     if summary["treatment"]:
         said = f"{factor:.2f}x" if factor is not None else "not reached"
@@ -138,6 +227,15 @@ def markdown_table(summary: dict) -> str:
         if r["power_law"]:
             lines.append(f"- {name}: {r['power_law']['formula']}")
     return "\n".join(lines)
+
+
+def _offline_passes(summary: dict) -> dict[str, tuple[list[str], dict]]:
+    """teacher score table -> (the runs whose corpus it selected, its offline pass)."""
+    passes: dict[str, tuple[list[str], dict]] = {}
+    for name, r in summary["runs"].items():
+        if r.get("offline_teacher"):
+            passes.setdefault(r["offline_teacher"]["table"], ([], r["offline_teacher"]))[0].append(name)
+    return passes
 
 
 def plot_curves(runs: list[dict], summary: dict) -> bytes:

@@ -27,7 +27,8 @@ DONE = "_done.json"
 RUN = "_run.json"
 # settings that do not change what is trained: a re-run may differ in these and still resume
 NOT_SHAPING = {"output", "eval", "checkpoint_every", "keep_checkpoints", "log_every", "max_failures",
-               "peak_flops", "torch_threads", "cpus_per_worker", "token_cache", "overwrite"}
+               "peak_flops", "torch_threads", "cpus_per_worker", "token_cache", "overwrite",
+               "activation_checkpointing", "loss_chunk_tokens"}  # memory options, same maths
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -46,6 +47,23 @@ class EvalSpec:
     data: str | None = field(None, path=True, help="held-out instances dataset for periodic eval loss")
     every: int = field(0, help="evaluate every this many steps (0: only at the end)")
     max_sequences: int = field(64, help="held-out sequences per evaluation")
+
+
+@dataclasses.dataclass(kw_only=True)
+class KDSpec:
+    """Online token-level knowledge distillation (the paper's "vanilla KD" baseline)."""
+    teacher: str = field(path=True, keywords=("teacher",),
+                         help="teacher checkpoint folder or URL (with its tokenizer, which must be "
+                              "the student's); in a pipeline, `teacher` names the pipeline's teacher")
+    weight: float = field(0.5, help="KL share w: loss = (1 - w) * LM + w * KL(p_teacher || p_student)")
+    temperature: float = field(1.0, help="softmax temperature tau of both models in the KL "
+                                         "(the KL is scaled by tau^2)")
+
+    def __post_init__(self):
+        if not 0 <= self.weight <= 1:
+            raise ValueError(f"kd.weight must be in [0, 1], got {self.weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"kd.temperature must be > 0, got {self.temperature}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -73,7 +91,14 @@ class TrainConfig:
     keep_checkpoints: int = field(2, help="checkpoints kept (latest)")
     log_every: int = field(1, help="write a metrics line every this many steps")
     max_failures: int = field(0, help="worker failures survived by restoring the last checkpoint")
-    peak_flops: float | None = field(None, help="per-worker peak FLOP/s for MFU (default: measured)")
+    peak_flops: float | None = field(None, help="per-worker peak FLOP/s for MFU (default: the GPU's "
+                                                "dense bf16 peak where known, else a measured "
+                                                "matmul rate; metrics say which)")
+    kd: KDSpec | None = field(None, help="online distillation from a teacher (default: none)")
+    activation_checkpointing: bool = field(False, help="recompute each layer's activations in the "
+                                                       "backward pass: less memory, ~1/3 more compute")
+    loss_chunk_tokens: int = field(1024, help="positions per LM-head block of the loss: the float32 "
+                                              "logits held at once are this x vocabulary")
     overwrite: bool = field(False, help="start afresh in an output made with other settings "
                                         "(the token cache is kept: it is keyed by its content)")
 
@@ -100,6 +125,11 @@ class TrainConfig:
         for name in ("micro_batch", "num_workers", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be >= 1, got {self.loss_chunk_tokens}")
+        if self.kd and self.kd.teacher == "teacher":
+            raise ValueError("kd.teacher: `teacher` names a pipeline's teacher; here give a "
+                             "checkpoint folder or URL (./teacher for a folder of that name)")
 
     @property
     def grad_accum(self) -> int:
@@ -135,6 +165,10 @@ def run_settings(cfg: TrainConfig, hf_config, tokenizer, instances_fp: str) -> d
     settings["model.tokenizer"] = tokenizer_fingerprint(tokenizer)
     settings["model.config"] = io.hash_json(hf_config.to_dict())
     settings["total_steps"] = cfg.total_steps
+    if cfg.kd:  # what the teacher is, not where it lives
+        from miniplm.models import model_fingerprint
+
+        settings["kd.teacher"] = model_fingerprint(cfg.kd.teacher)
     return settings
 
 
@@ -184,6 +218,10 @@ def run_train(cfg: TrainConfig) -> dict:
     print(describe(cfg), flush=True)
     tokenizer = load_tokenizer_checked(cfg.model.tokenizer)
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len)  # fails before Ray starts
+    if cfg.kd:
+        from miniplm.distill import check_teacher
+
+        check_teacher(cfg.kd.teacher, tokenizer, cfg.data.seq_len)
     settings = run_settings(cfg, hf_config, tokenizer, io.read_instances_manifest(cfg.data.path)["fingerprint"])
     done_path = io.join(cfg.output, DONE)
     if (io.exists(done_path) and io.read_json(done_path)["train"] == to_dict(cfg)

@@ -75,6 +75,23 @@ def test_adding_a_student_trains_only_that_student(demo_run, ray_session):
     assert {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")} == tables
 
 
+@pytest.mark.timeout(600)
+def test_a_vanilla_kd_student_distils_from_the_pipelines_teacher(demo_run, ray_session):
+    out, _ = demo_run
+    cfg = load_pipeline(DEMO_CONFIG, [f"output={out}", *quick_overrides(),
+                                      "students[2]={name: vanilla-kd, corpus: random, preset: tiny, "
+                                      "tokens: 16000, kd: {teacher: teacher}}"])
+    log = {name: status for name, status, _ in run_pipeline(cfg)["steps"]}
+    assert log["train student vanilla-kd"] == "ran" and log["train teacher"] == "reused"
+    train = io.read_json(str(out / "students" / "vanilla-kd" / "config.json"))["train"]
+    assert train["kd"] == {"teacher": str(out / "teacher" / "final"), "weight": 0.5, "temperature": 1.0}
+    summary = io.read_json(str(out / "report" / "report.json"))
+    kd, vanilla = summary["runs"]["vanilla-kd"], summary["runs"]["vanilla"]
+    assert kd["teacher_flops"] > 0 and vanilla["teacher_flops"] == 0
+    assert kd["flops"] == kd["student_flops"] + kd["teacher_flops"]
+    assert "offline_teacher" in summary["runs"]["miniplm"] and "offline_teacher" not in vanilla
+
+
 def quick_overrides() -> list[str]:
     from miniplm.pipeline import QUICK
 
@@ -109,3 +126,37 @@ def test_sample_corpus_comes_from_the_base_install_only():
     assert {"ray", "torch", "transformers", "pyarrow", "numpy", "fsspec"} <= names
     assert not names & {"pytest", "pytest-timeout", "moto", "lm-eval", "s3fs", "accelerate"}
     assert "miniplm" not in names  # its README changes with every release
+
+
+def test_students_take_kd_and_a_step_budget(tmp_path):
+    cfg = load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}",
+                                      "students[2]={name: kd, corpus: random, steps: 25, "
+                                      "kd: {teacher: teacher, weight: 0.3}}"])
+    kd = cfg.students[2]
+    assert kd.steps == 25 and kd.tokens is None
+    assert kd.kd.teacher == "teacher" and kd.kd.weight == 0.3 and kd.kd.temperature == 1.0
+    with pytest.raises(ValueError, match=r"students\[0\]: give exactly one budget"):
+        load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", "students[0].steps=10"])
+    assert not (tmp_path / "never").exists()
+
+
+def test_kd_teacher_with_another_tokenizer_is_refused_at_config_time(tmp_path, tokenizer_dir, gpt2_eos_only_dir):
+    with pytest.raises(ValueError, match=r"students\[0\]\.kd\.teacher: .* another tokenizer"):
+        load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", f"tokenizer={tokenizer_dir}",
+                                    f"students[0].kd={{teacher: {gpt2_eos_only_dir}}}"])
+
+
+def test_pile_qwen_config_shows_the_papers_four_arms():
+    import yaml
+
+    from miniplm.config import build
+    from miniplm.pipeline import StudentSpec
+
+    path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "pile-qwen.yaml")
+    with open(path) as f:
+        students = [build(StudentSpec, s) for s in yaml.safe_load(f)["students"]]
+    for size, kd_steps in [("200m", 25_000), ("500m", 45_000), ("1.2b", 65_000)]:
+        arms = {(s.corpus, s.kd is not None, s.steps) for s in students if s.preset == f"qwen-{size}"}
+        assert arms == {("full", False, 100_000), ("full", True, kd_steps),
+                        ("refined", False, 100_000), ("refined", True, kd_steps)}, size
+    assert all(s.kd.teacher == "teacher" and s.kd.weight == 0.5 for s in students if s.kd)

@@ -49,3 +49,65 @@ def test_report_writes_table_plot_and_factor(tmp_path):
                                           output=str(tmp_path / "r2")))
     assert not_reached["compute_saving_factor"] is None
     assert "not reached" in (tmp_path / "r2" / "report.md").read_text()
+
+
+def write_kd_run(path, flops, loss, teacher_share: float, data: str | None = None):
+    """A run whose rows split total FLOPs into student and online-teacher FLOPs, optionally
+    with the config.json `miniplm train` writes (naming its corpus)."""
+    write_run(path, flops, loss)
+    rows = [json.loads(line) for line in open(path / "metrics.jsonl")]
+    with open(path / "metrics.jsonl", "w") as f:
+        for r in rows:
+            r["teacher_flops"] = r["flops"] * teacher_share
+            r["student_flops"] = r["flops"] - r["teacher_flops"]
+            f.write(json.dumps(r) + "\n")
+    if data:
+        (path / "config.json").write_text(json.dumps({"train": {"data": {"path": data}}}))
+
+
+def test_report_lists_flops_per_model_and_the_offline_teacher_pass(tmp_path, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from miniplm.distill import matmul_params
+
+    # MiniPLM's chain: corpus (select manifest) -> teacher score table -> teacher checkpoint
+    table, refined, lost = tmp_path / "scores", tmp_path / "refined", tmp_path / "refined_elsewhere"
+    for folder, manifest in [
+            (table, {"stage": "score", "tokens": 1_000_000,
+                     "provenance": {"model": str(llama_dir), "max_length": 64}}),
+            (refined, {"stage": "select", "method": "difference", "inputs": {"teacher": {"path": str(table)}}}),
+            (lost, {"stage": "select", "method": "difference",
+                    "inputs": {"teacher": {"path": str(tmp_path / "gone")}}}),
+            (tmp_path / "random", {"stage": "select", "method": "random",
+                                   "inputs": {"teacher": {"path": str(table)}}})]:
+        folder.mkdir()
+        (folder / "_manifest.json").write_text(json.dumps(manifest))
+    write_kd_run(tmp_path / "vanilla", GRID, law(GRID), 0.0, data=str(tmp_path / "random"))
+    write_kd_run(tmp_path / "kd", GRID[:-2], law(GRID[:-2]), 0.6, data=str(tmp_path / "random"))
+    write_kd_run(tmp_path / "miniplm", GRID, law(3 * GRID), 0.0, data=str(refined))
+    write_kd_run(tmp_path / "miniplm-kd", GRID, law(3 * GRID), 0.6, data=str(refined))
+    write_kd_run(tmp_path / "miniplm-lost", GRID, law(3 * GRID), 0.0, data=str(lost))
+    names = ["vanilla", "kd", "miniplm", "miniplm-kd", "miniplm-lost"]
+    summary = run_report(ReportConfig(runs=[str(tmp_path / n) for n in names], output=str(tmp_path / "report")))
+
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| run | tokens | student FLOPs | teacher FLOPs | total FLOPs |" in md
+    runs = summary["runs"]
+    for name in names:
+        r = runs[name]
+        assert r["student_flops"] + r["teacher_flops"] == pytest.approx(r["flops"])
+        assert f"| {name} | {r['tokens']:,} | {r['student_flops']:.3g} | {r['teacher_flops']:.3g} | {r['flops']:.3g} |" in md
+    # equal total FLOPs: the smallest final budget (the KD run's), each curve read there
+    assert summary["equal_flops"] == pytest.approx(GRID[-3])
+    assert runs["vanilla"]["eval_loss_at_equal_flops"] == pytest.approx(law(GRID[-3]))
+    assert runs["miniplm"]["eval_loss_at_equal_flops"] == pytest.approx(law(3 * GRID[-3]))
+    # the offline pass: 2N + attention at the scoring context, per scored token, shared by two students
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir)
+    offline = (2 * matmul_params(teacher) + 4 * 2 * 64 * 64) * 1_000_000
+    for name in ("miniplm", "miniplm-kd"):
+        assert runs[name]["offline_teacher"]["flops"] == offline
+        assert runs[name]["offline_teacher"]["flops_per_student"] == offline / 2
+    assert "offline_teacher" not in runs["vanilla"] and "offline_teacher" not in runs["kd"]
+    assert runs["miniplm-lost"]["offline_teacher"]["flops"] is None
+    assert f"{offline:.3g} FLOPs once" in md and "shared by the 2 student(s) here" in md
+    assert "miniplm-lost: FLOPs unknown" in md
