@@ -80,9 +80,13 @@ def offline_teacher_pass(run_path: str) -> dict | None:
     model, tokens = scores.get("provenance", {}).get("model"), scores.get("tokens")
     if not model or tokens is None or not io.exists(io.join(model, "config.json")):
         return {**entry, "why": f"teacher checkpoint {model} unreachable"}
-    per_token = forward_flops_per_token(model, scores["provenance"].get("max_length"))
+    # attention over the mean instance (within the scorer's window), not the whole window:
+    # pipeline instances are short, and charging every token a full-window context overstates
+    max_length = scores["provenance"].get("max_length") or float("inf")
+    context = int(min(max_length, tokens / max(1, scores.get("rows") or 1)))
+    per_token = forward_flops_per_token(model, context)
     return {**entry, "flops": per_token * tokens, "tokens": tokens, "teacher": model,
-            "why": f"2N + attention at {scores['provenance'].get('max_length')} context, x {tokens:,} scored tokens"}
+            "why": f"2N + attention over {context}-token instances, x {tokens:,} scored tokens"}
 
 
 def forward_flops_per_token(model_path: str, context: int | None) -> int:

@@ -73,7 +73,7 @@ def test_report_lists_flops_per_model_and_the_offline_teacher_pass(tmp_path, lla
     # MiniPLM's chain: corpus (select manifest) -> teacher score table -> teacher checkpoint
     table, refined, lost = tmp_path / "scores", tmp_path / "refined", tmp_path / "refined_elsewhere"
     for folder, manifest in [
-            (table, {"stage": "score", "tokens": 1_000_000,
+            (table, {"stage": "score", "tokens": 1_000_000, "rows": 10_000,  # 100-token instances
                      "provenance": {"model": str(llama_dir), "max_length": 64}}),
             (refined, {"stage": "select", "method": "difference", "inputs": {"teacher": {"path": str(table)}}}),
             (lost, {"stage": "select", "method": "difference",
@@ -101,7 +101,8 @@ def test_report_lists_flops_per_model_and_the_offline_teacher_pass(tmp_path, lla
     assert summary["equal_flops"] == pytest.approx(GRID[-3])
     assert runs["vanilla"]["eval_loss_at_equal_flops"] == pytest.approx(law(GRID[-3]))
     assert runs["miniplm"]["eval_loss_at_equal_flops"] == pytest.approx(law(3 * GRID[-3]))
-    # the offline pass: 2N + attention at the scoring context, per scored token, shared by two students
+    # the offline pass: 2N + attention over the instances (at most the scorer's 64-token window)
+    # per scored token, shared by two students
     teacher = AutoModelForCausalLM.from_pretrained(llama_dir)
     offline = (2 * matmul_params(teacher) + 4 * 2 * 64 * 64) * 1_000_000
     for name in ("miniplm", "miniplm-kd"):
