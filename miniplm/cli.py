@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster to use")
     demo = sub.add_parser("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
     demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
+    demo.add_argument("--with-kd", action="store_true", help="add a vanilla-KD student (the paper's "
+                      "online-distillation baseline) at about the other students' total FLOPs")
     demo.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--address", help="Ray cluster to use")
     return parser
@@ -87,7 +89,7 @@ def resolve(args: argparse.Namespace) -> tuple[object, Callable]:
         from miniplm.pipeline import demo_config, load_pipeline, run_pipeline
 
         cfg = (load_pipeline(args.config, args.overrides) if args.command == "run"
-               else demo_config(args.output, quick=args.quick))
+               else demo_config(args.output, quick=args.quick, with_kd=args.with_kd))
         run = run_pipeline
     else:
         cls, run, _ = _stages()[args.command]

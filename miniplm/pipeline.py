@@ -408,5 +408,13 @@ def saved_pipeline(output: str) -> PipelineConfig:
     return build(PipelineConfig, io.read_json(path))
 
 
-def demo_config(output: str, quick: bool = False) -> PipelineConfig:
-    return load_pipeline(DEMO_CONFIG, [f"output={output}"] + (QUICK if quick else []))
+# a vanilla-KD student at about the total FLOPs of the demo's 400K-token students: the tiny
+# student's 1.62 MFLOPs per token trained plus the mini teacher's 2.49 MFLOPs per token forward
+KD_STUDENT = "students[2]={name: vanilla-kd, corpus: random, preset: tiny, tokens: %d, kd: {teacher: teacher}}"
+
+
+def demo_config(output: str, quick: bool = False, with_kd: bool = False) -> PipelineConfig:
+    overrides = [f"output={output}"] + (QUICK if quick else [])
+    if with_kd:  # off by default: it adds the teacher's forward to every step of one more student
+        overrides.append(KD_STUDENT % (16000 if quick else 160000))
+    return load_pipeline(DEMO_CONFIG, overrides)

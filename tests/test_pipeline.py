@@ -78,9 +78,8 @@ def test_adding_a_student_trains_only_that_student(demo_run, ray_session):
 @pytest.mark.timeout(600)
 def test_a_vanilla_kd_student_distils_from_the_pipelines_teacher(demo_run, ray_session):
     out, _ = demo_run
-    cfg = load_pipeline(DEMO_CONFIG, [f"output={out}", *quick_overrides(),
-                                      "students[2]={name: vanilla-kd, corpus: random, preset: tiny, "
-                                      "tokens: 16000, kd: {teacher: teacher}}"])
+    cfg = demo_config(str(out), quick=True, with_kd=True)  # `miniplm demo --quick --with-kd`
+    assert cfg.students[2].name == "vanilla-kd" and cfg.students[2].tokens == 16000
     log = {name: status for name, status, _ in run_pipeline(cfg)["steps"]}
     assert log["train student vanilla-kd"] == "ran" and log["train teacher"] == "reused"
     train = io.read_json(str(out / "students" / "vanilla-kd" / "config.json"))["train"]
