@@ -123,9 +123,10 @@ def record_try(output: str, part: str) -> int:
     import uuid
 
     fs, root = url_to_fs(_tries_dir(output))
-    with io.writing(root):
+    marker = posixpath.join(root, f"{part}.{uuid.uuid4().hex}")
+    with io.writing(marker):  # the message names the part whose start could not be recorded
         fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(posixpath.join(root, f"{part}.{uuid.uuid4().hex}"), b"")
+        fs.pipe_file(marker, b"")
     return len(fs.glob(posixpath.join(root, f"{part}.*")))
 
 
@@ -191,11 +192,12 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     check_model_dir(cfg.model)
     from transformers import AutoConfig
 
-    model_cfg = AutoConfig.from_pretrained(io.local_copy(cfg.model), trust_remote_code=cfg.trust_remote_code)
-    max_length = cfg.max_length or context_length(model_cfg) or 2048
-    if max_length > (context_length(model_cfg) or max_length):
+    declared = context_length(AutoConfig.from_pretrained(io.local_copy(cfg.model),
+                                                         trust_remote_code=cfg.trust_remote_code))
+    max_length = cfg.max_length or declared or 2048
+    if declared and max_length > declared:
         warnings.warn(f"score: max_length {max_length} is past {cfg.model}'s declared context "
-                      f"{context_length(model_cfg)}: positions it never trained on score worse")
+                      f"{declared}: positions it never trained on score worse")
     stride = cfg.stride or max(1, max_length // 2)
     init_ray()
     device = cfg.device
