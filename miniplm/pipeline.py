@@ -213,8 +213,7 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
     """Split an instances dataset by a seeded hash of the id: `inside` gets ~fraction. One Ray
     task per part; the driver only adds up part entries and fingerprints."""
     from miniplm.io import read_instances_manifest
-    from miniplm.runtime import init_ray
-    from miniplm.select import map_parts
+    from miniplm.runtime import init_ray, map_parts
 
     manifest = read_instances_manifest(src)
     job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Callable, Iterator
 
 import ray
 
@@ -32,3 +33,37 @@ def unwrap(err: BaseException) -> BaseException:
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def map_parts(fn: Callable, calls: list[tuple], desc: str, num_cpus: float = 1) -> Iterator[tuple[int, object]]:
+    """`fn(*args)` for each args in `calls`, one Ray task each, a few in flight; yields
+    (index, result) as tasks finish. A task's own error is raised as that error."""
+    import ray
+    from tqdm.auto import tqdm
+
+    remote = ray.remote(num_cpus=num_cpus)(fn)
+    todo = iter(enumerate(calls))
+    in_flight: dict = {}
+    window = max(2, int(2 * cluster_cpus()))
+    bar = tqdm(total=len(calls), desc=desc, unit="part")
+    try:
+        for i, args in todo:
+            in_flight[remote.remote(*args)] = i
+            if len(in_flight) >= window:
+                break
+        while in_flight:
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            i = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                raise unwrap(err) from None
+            for j, args in todo:  # refill: one finished, one more
+                in_flight[remote.remote(*args)] = j
+                break
+            bar.update(1)
+            yield i, result
+    finally:
+        bar.close()
+        for ref in in_flight:
+            ray.cancel(ref)

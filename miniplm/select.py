@@ -34,7 +34,7 @@ import hashlib
 import math
 import time
 from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Callable
 
 import fsspec
 import numpy as np
@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from miniplm import __version__, io
 from miniplm.config import describe, field, to_dict
 from miniplm.prepare import INSTANCE_SCHEMA
+from miniplm.runtime import map_parts
 
 METHODS = ("difference", "teacher", "random", "sample")
 REFINED_SCHEMA = INSTANCE_SCHEMA.append(pa.field("score", pa.float64()))
@@ -353,42 +354,6 @@ def plot_points(table: pa.Table, kept: np.ndarray, rows: np.ndarray, cfg: Select
 
 
 # ---------------------------------------------------------------- Ray wiring (driver)
-
-
-def map_parts(fn: Callable, calls: list[tuple], desc: str, num_cpus: float = 1) -> Iterator[tuple[int, object]]:
-    """`fn(*args)` for each args in `calls`, one Ray task each, a few in flight; yields
-    (index, result) as tasks finish. A task's own error is raised as that error."""
-    import ray
-    from tqdm.auto import tqdm
-
-    from miniplm.runtime import cluster_cpus, unwrap
-
-    remote = ray.remote(num_cpus=num_cpus)(fn)
-    todo = iter(enumerate(calls))
-    in_flight: dict = {}
-    window = max(2, int(2 * cluster_cpus()))
-    bar = tqdm(total=len(calls), desc=desc, unit="part")
-    try:
-        for i, args in todo:
-            in_flight[remote.remote(*args)] = i
-            if len(in_flight) >= window:
-                break
-        while in_flight:
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            i = in_flight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayTaskError as err:
-                raise unwrap(err) from None
-            for j, args in todo:  # refill: one finished, one more
-                in_flight[remote.remote(*args)] = j
-                break
-            bar.update(1)
-            yield i, result
-    finally:
-        bar.close()
-        for ref in in_flight:
-            ray.cancel(ref)
 
 
 @dataclasses.dataclass
