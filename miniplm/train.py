@@ -182,27 +182,33 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def claim_run(cfg: TrainConfig, settings: dict) -> None:
+def previous_settings(output: str) -> dict | None:
+    """The settings a run folder was made with (None: no run there yet, or an older one)."""
+    path = io.join(output, RUN)
+    return io.read_json(path)["settings"] if io.exists(path) else None
+
+
+def claim_run(cfg: TrainConfig, settings: dict, previous: dict | None) -> None:
     """Resume only what these settings would have produced: a run folder made with other
     settings is refused, naming what differs, unless `overwrite` starts it afresh."""
-    run_path = io.join(cfg.output, RUN)
-    previous = io.read_json(run_path)["settings"] if io.exists(run_path) else None
     started = previous is not None or io.exists(io.join(cfg.output, "ray"))
     if started and previous != settings:
         if not cfg.overwrite:
-            changed = sorted(k for k in set(settings) | set(previous or {})
-                             if (previous or {}).get(k) != settings.get(k))
+            if previous is None:
+                differs = f"unknown: no {RUN}"
+            else:
+                differs = ", ".join(sorted(k for k in settings.keys() | previous.keys()
+                                           if previous.get(k) != settings.get(k)))
             raise ValueError(
-                f"train: {cfg.output} holds a run made with other settings (differs in: "
-                f"{', '.join(changed) if previous else 'unknown: no ' + RUN}); its checkpoints would "
-                "resume into this one. Set overwrite=true (or remove the folder) to start afresh, "
-                "or give another output")
+                f"train: {cfg.output} holds a run made with other settings (differs in: {differs}); "
+                "its checkpoints would resume into this one. Set overwrite=true (or remove the "
+                "folder) to start afresh, or give another output")
         for name in ("ray", "final", "metrics.jsonl", DONE, RUN, "config.json"):
             path = io.join(cfg.output, name)
             if io.exists(path):
                 io.remove_dir(path)
         print(f"train: overwrite: {cfg.output} starts afresh", flush=True)
-    io.write_json(run_path, {"settings": settings})
+    io.write_json(io.join(cfg.output, RUN), {"settings": settings})
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -223,12 +229,12 @@ def run_train(cfg: TrainConfig) -> dict:
 
         check_teacher(cfg.kd.teacher, tokenizer, cfg.data.seq_len)
     settings = run_settings(cfg, hf_config, tokenizer, io.read_instances_manifest(cfg.data.path)["fingerprint"])
+    previous = previous_settings(cfg.output)
     done_path = io.join(cfg.output, DONE)
-    if (io.exists(done_path) and io.read_json(done_path)["train"] == to_dict(cfg)
-            and io.exists(io.join(cfg.output, RUN)) and io.read_json(io.join(cfg.output, RUN))["settings"] == settings):
+    if previous == settings and io.exists(done_path) and io.read_json(done_path)["train"] == to_dict(cfg):
         print(f"train: {cfg.output} is already complete; nothing to do")
         return io.read_json(done_path)
-    claim_run(cfg, settings)
+    claim_run(cfg, settings, previous)
     io.write_json(io.join(cfg.output, "config.json"),
                   {"train": to_dict(cfg), "model": hf_config.to_dict(), "version": __version__})
     init_ray()
