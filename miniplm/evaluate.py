@@ -44,7 +44,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     instances = read_instances_manifest(cfg.data)
     scores_dir = posixpath.splitext(cfg.output)[0] + ".scores"
     scores = run_score(ScoreConfig(instances=cfg.data, model=cfg.model, output=scores_dir,
-                                   max_length=cfg.max_length, batch_tokens=cfg.batch_tokens, cpus_per_worker=cfg.cpus_per_worker,
+                                   max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
+                                   cpus_per_worker=cfg.cpus_per_worker,
                                    device=cfg.device, overwrite=_stale(scores_dir, cfg.model)))
     logprob = scores["logprob"]  # summed by the score stage as it checked its table
     n_bytes = instances["bytes"]
