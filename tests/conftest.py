@@ -90,6 +90,18 @@ def write_jsonl(path: pathlib.Path, records: list) -> pathlib.Path:
     return path
 
 
+def train_overrides(corpus, tokenizer_dir, output) -> list[str]:
+    """`--set` overrides every training test shares: a tiny model on short sequences."""
+    return [f"output={output}", f"data.path={corpus}", f"model.tokenizer={tokenizer_dir}",
+            "model.preset=tiny", "data.seq_len=64", "micro_batch=8", "batch_tokens=512",
+            "cpus_per_worker=1"]
+
+
+def read_metrics(output) -> list[dict]:
+    """A training run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl"))]
+
+
 def train_tokenizer(docs: list[str], out: pathlib.Path, *, vocab_size: int = 512,
                     bos: bool = True) -> pathlib.Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

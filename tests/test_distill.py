@@ -6,12 +6,10 @@ a teacher with another tokenizer is refused before Ray starts; FLOPs are counted
 from __future__ import annotations
 
 import glob
-import json
-import os
 
 import pytest
 import torch
-from conftest import save_tiny_model, write_jsonl
+from conftest import read_metrics, save_tiny_model, train_overrides, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from miniplm.config import load
@@ -173,14 +171,11 @@ def teacher_dir(tokenizer_dir, tmp_path_factory):
 
 
 def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
-    base = [f"output={output}", f"data.path={corpus}", f"model.tokenizer={tokenizer_dir}",
-            "model.preset=tiny", "data.seq_len=64", "micro_batch=8", "batch_tokens=512",
-            "optim.warmup_steps=2", "steps=4", "cpus_per_worker=1"]
-    return load(TrainConfig, None, base + list(overrides))
+    return load(TrainConfig, None, train_overrides(corpus, tokenizer_dir, output)
+                + ["optim.warmup_steps=2", "steps=4", *overrides])
 
 
-def metrics(output) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl"))]
+metrics = read_metrics
 
 
 @pytest.mark.timeout(600)

@@ -3,7 +3,6 @@ the final checkpoint is a standard HF model the score stage reads, bad configs f
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import kill_tree, ray_worker_pids, write_jsonl
+from conftest import kill_tree, ray_worker_pids, read_metrics, train_overrides, write_jsonl
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from miniplm.config import load
@@ -31,15 +30,18 @@ def corpus(documents, tmp_path_factory, ray_session):
     return root / "inst"
 
 
+SCHEDULE = ["optim.lr=3e-3", "optim.warmup_steps=5"]
+
+
+def config_overrides(corpus, tokenizer_dir, output) -> list[str]:
+    return train_overrides(corpus, tokenizer_dir, output) + SCHEDULE
+
+
 def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
-    base = [f"output={output}", f"data.path={corpus}", f"model.tokenizer={tokenizer_dir}",
-            "model.preset=tiny", "data.seq_len=64", "micro_batch=8", "batch_tokens=512",
-            "optim.lr=3e-3", "optim.warmup_steps=5", "cpus_per_worker=1"]
-    return load(TrainConfig, None, base + list(overrides))
+    return load(TrainConfig, None, config_overrides(corpus, tokenizer_dir, output) + list(overrides))
 
 
-def metrics(output) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(output, "metrics.jsonl"))]
+metrics = read_metrics
 
 
 def run_settings(corpus) -> list[str]:
@@ -177,12 +179,6 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
     assert_restored_once(rows, at_least=20)
     assert pid not in ray_worker_pids("RayTrainWorker")
     assert_same_curve(rows, metrics(clean_run))
-
-
-def config_overrides(corpus, tokenizer_dir, output) -> list[str]:
-    return [f"output={output}", f"data.path={corpus}", f"model.tokenizer={tokenizer_dir}",
-            "model.preset=tiny", "data.seq_len=64", "micro_batch=8", "batch_tokens=512",
-            "optim.lr=3e-3", "optim.warmup_steps=5", "cpus_per_worker=1"]
 
 
 def test_bad_configs_fail_before_work(corpus, tokenizer_dir, tmp_path):
@@ -360,7 +356,6 @@ def test_training_sees_each_document_start_as_scoring_does(corpus, tokenizer_dir
     stage puts before a text (BOS, or EOS for a tokenizer without one)."""
     import pyarrow.parquet as pq
 
-    from miniplm import io
     from miniplm.logprob import prefix_token_id
     from miniplm.models import load_tokenizer
     from miniplm.tokens import DataSpec, build_token_cache, read_sequences
