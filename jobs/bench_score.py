@@ -272,24 +272,18 @@ def run_scorer_memory(args, docs: list[str], model_dir: str) -> dict:
 
 
 def device_peak(device: str) -> tuple[float, str]:
-    """The device's dense bf16 peak FLOP/s and where that figure comes from."""
+    """The device's dense bf16 peak FLOP/s and where that figure comes from: training's MFU
+    table, else training's measured matmul rate, labelled as measured."""
     import torch
 
-    from miniplm.distill import DEVICE_PEAKS  # the one table, shared with training's MFU
+    from miniplm.distill import table_peak
+    from miniplm.loop import measure_peak_flops
 
     name = torch.cuda.get_device_name()
-    for key, peak in DEVICE_PEAKS:
-        if key in name:
-            return peak, f"{name}, dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ a
-    torch.cuda.synchronize()
-    start, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ a
-    torch.cuda.synchronize()
-    rate = n * 2 * 8192 ** 3 / (time.perf_counter() - start)
+    known = table_peak(torch.device(device))
+    if known:
+        return known[0], f"{name}, dense bf16 peak {known[0] / 1e12:.0f} TFLOP/s"
+    rate = measure_peak_flops(torch.device(device))
     return rate, f"{name}, not in the table: MEASURED bf16 matmul rate {rate / 1e12:.0f} TFLOP/s"
 
 
