@@ -131,15 +131,17 @@ def read_part(root: str, name: str) -> np.ndarray:
 
 
 def read_sequences(root: str, manifest: dict, limit: int | None = None) -> np.ndarray:
-    """(N, seq_len) int64 token ids from a token cache (for held-out evaluation)."""
-    out, n = [], 0
+    """(N, seq_len) int64 token ids from a token cache, for held-out evaluation: every sequence,
+    or `limit` of them spread evenly over the whole cache (its first rows would all come from
+    one document or one source). Reads one part at a time."""
+    total = sum(p["rows"] for p in manifest["parts"])
+    take = np.arange(total)
+    if limit and limit < total:
+        take = np.unique(np.linspace(0, total - 1, limit).round().astype(np.int64))
+    out, start = [], 0
     for part in manifest["parts"]:
-        if not part["rows"]:
-            continue
-        seqs = read_part(root, part["name"])
-        out.append(seqs)
-        n += len(seqs)
-        if limit and n >= limit:
-            break
-    seqs = np.concatenate(out).astype(np.int64)
-    return seqs[:limit] if limit else seqs
+        inside = take[(take >= start) & (take < start + part["rows"])] - start
+        if len(inside):
+            out.append(read_part(root, part["name"])[inside])
+        start += part["rows"]
+    return np.concatenate(out).astype(np.int64)

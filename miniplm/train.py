@@ -46,7 +46,7 @@ class OptimSpec:
 class EvalSpec:
     data: str | None = field(None, path=True, help="held-out instances dataset for periodic eval loss")
     every: int = field(0, help="evaluate every this many steps (0: only at the end)")
-    max_sequences: int = field(64, help="held-out sequences per evaluation")
+    max_sequences: int = field(64, help="held-out sequences per evaluation, spread evenly over the set")
 
 
 @dataclasses.dataclass(kw_only=True)

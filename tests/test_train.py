@@ -254,6 +254,22 @@ def sequences_of(batches) -> list[int]:
     return [int(row[0]) for b in batches for row in b]
 
 
+def test_held_out_sample_spans_the_whole_set(tmp_path):
+    """The in-training evaluation reads `eval.max_sequences` spread evenly over the held-out
+    set, not its first rows (one document's, or one source's): the curve that the compute-saving
+    factor is read from must measure the same text as the final held-out loss."""
+    import numpy as np
+
+    from miniplm.tokens import read_sequences
+
+    manifest = synthetic_cache(tmp_path, [37, 41, 0, 29, 53])
+    sample = read_sequences(str(tmp_path), manifest, 10)
+    expected = np.linspace(0, manifest["sequences"] - 1, 10).round().astype(int)
+    assert sample.shape == (10, 4) and sample[:, 0].tolist() == expected.tolist()
+    assert read_sequences(str(tmp_path), manifest)[:, 0].tolist() == list(range(manifest["sequences"]))
+    assert read_sequences(str(tmp_path), manifest, 10**6).shape == (manifest["sequences"], 4)
+
+
 def test_sampler_passes_differ_ranks_split_and_resume_reads_only_its_window(tmp_path):
     import itertools
 
