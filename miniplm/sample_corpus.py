@@ -118,10 +118,17 @@ def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]
             if f.name.upper().startswith(("LICENSE", "LICENCE", "COPYING")):
                 take("license", _read(dist.locate_file(f)))
             elif f.name == "RECORD":
-                take("noise", _read(dist.locate_file(f)))
+                take("noise", _inside_site_packages(_read(dist.locate_file(f))))
     for path in stdlib_modules():
         take("code", _read(path))
     return docs, heldout, sorted(packages)
+
+
+def _inside_site_packages(record: str) -> str:
+    """A RECORD file without its entries for files installed outside site-packages (console
+    scripts: their shebang, hence their hash, holds the venv's path), so the text does not
+    depend on where the environment lives."""
+    return "".join(line for line in record.splitlines(keepends=True) if not line.startswith("../"))
 
 
 def _read(path) -> str:

@@ -127,6 +127,25 @@ def test_sample_corpus_comes_from_the_base_install_only():
     assert "miniplm" not in names  # its README changes with every release
 
 
+def test_sample_corpus_does_not_depend_on_where_the_venv_lives(tmp_path):
+    """Two fresh venvs at different paths gave two corpus fingerprints: RECORD files list the
+    console scripts (`../../../bin/ray,sha256=...`), whose shebang holds the venv's path, so
+    their hashes differ per venv. Nothing installed outside site-packages may enter the text."""
+    import json
+    import sys
+
+    from miniplm.sample_corpus import write_sample_corpus
+
+    write_sample_corpus(str(tmp_path / "sample"), max_bytes=2_000_000)
+    texts = [json.loads(line)["text"] for f in sorted((tmp_path / "sample").rglob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    noise = [t for f in sorted((tmp_path / "sample" / "train").glob("noise-*.jsonl"))
+             for t in (json.loads(line)["text"] for line in f.read_text().splitlines())]
+    assert noise and all(",sha256=" in t for t in noise)  # RECORD files are still the noise
+    assert not [line for t in noise for line in t.splitlines() if line.startswith("../")]
+    assert not [t for t in texts if sys.prefix in t]
+
+
 def test_students_take_kd_and_a_step_budget(tmp_path):
     cfg = load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}",
                                       "students[2]={name: kd, corpus: random, steps: 25, "
