@@ -38,7 +38,6 @@ def cluster_cpus() -> float:
 def map_parts(fn: Callable, calls: list[tuple], desc: str, num_cpus: float = 1) -> Iterator[tuple[int, object]]:
     """`fn(*args)` for each args in `calls`, one Ray task each, a few in flight; yields
     (index, result) as tasks finish. A task's own error is raised as that error."""
-    import ray
     from tqdm.auto import tqdm
 
     remote = ray.remote(num_cpus=num_cpus)(fn)
