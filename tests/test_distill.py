@@ -175,15 +175,12 @@ def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
                 + ["optim.warmup_steps=2", "steps=4", *overrides])
 
 
-metrics = read_metrics
-
-
 @pytest.mark.timeout(600)
 def test_kd_weight_zero_trains_exactly_as_plain_training(corpus, tokenizer_dir, teacher_dir, tmp_path):
     plain, kd = tmp_path / "plain", tmp_path / "kd"
     run_train(config(corpus, tokenizer_dir, plain))
     run_train(config(corpus, tokenizer_dir, kd, f"kd.teacher={teacher_dir}", "kd.weight=0"))
-    plain_rows, kd_rows = metrics(plain), metrics(kd)
+    plain_rows, kd_rows = read_metrics(plain), read_metrics(kd)
     assert [r["loss"] for r in kd_rows] == [r["loss"] for r in plain_rows]
     assert [r["grad_norm"] for r in kd_rows] == [r["grad_norm"] for r in plain_rows]
     assert all(r["lm_loss"] == r["loss"] and r["kd_loss"] > 0 for r in kd_rows)
@@ -215,7 +212,7 @@ def test_kd_trains_and_logs_both_losses(corpus, tokenizer_dir, teacher_dir, tmp_
     out = tmp_path / "kd_half"
     run_train(config(corpus, tokenizer_dir, out, f"kd.teacher={teacher_dir}", "kd.temperature=2",
                      "activation_checkpointing=true", "loss_chunk_tokens=100"))
-    for r in metrics(out):
+    for r in read_metrics(out):
         assert r["loss"] == pytest.approx(0.5 * r["lm_loss"] + 0.5 * r["kd_loss"], abs=2e-6)
 
 

@@ -41,9 +41,6 @@ def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
     return load(TrainConfig, None, config_overrides(corpus, tokenizer_dir, output) + list(overrides))
 
 
-metrics = read_metrics
-
-
 def run_settings(corpus) -> list[str]:
     """The run every training test shares: uninterrupted once (`clean_run`), and killed twice.
     Killed at the first registered checkpoint (step 20), it still has 140 steps (~4 s) to go,
@@ -65,7 +62,7 @@ def clean_run(corpus, tokenizer_dir, tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_loss_drops_and_final_checkpoint_scores(corpus, clean_run, tmp_path):
     out = clean_run
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
     assert first > 5.5  # ~ln(vocab) at init
@@ -97,7 +94,7 @@ def test_two_ddp_workers_stay_in_sync(corpus, tokenizer_dir, tmp_path):
     out = tmp_path / "ddp"
     run_train(config(corpus, tokenizer_dir, out, "steps=3", "num_workers=2", "cpus_per_worker=0.5",
                      "micro_batch=4", "checkpoint_every=3"))
-    row = metrics(out)[-1]
+    row = read_metrics(out)[-1]
     sums = row["replica_param_sums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert row["tokens"] == 3 * 512
@@ -149,9 +146,9 @@ def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, 
     assert not (out / "final").exists()
 
     run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus)))
-    resumed = metrics(out)
+    resumed = read_metrics(out)
     assert_restored_once(resumed, at_least=20)
-    assert_same_curve(resumed, metrics(clean_run))
+    assert_same_curve(resumed, read_metrics(clean_run))
 
 
 @pytest.mark.timeout(900)
@@ -175,10 +172,10 @@ def test_killed_worker_restores_the_last_checkpoint_and_finishes(corpus, tokeniz
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
     assert (out / "final" / "config.json").exists()
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert_restored_once(rows, at_least=20)
     assert pid not in ray_worker_pids("RayTrainWorker")
-    assert_same_curve(rows, metrics(clean_run))
+    assert_same_curve(rows, read_metrics(clean_run))
 
 
 def test_bad_configs_fail_before_work(corpus, tokenizer_dir, tmp_path):
@@ -315,7 +312,7 @@ def test_changed_settings_never_resume_an_old_checkpoint(corpus, tokenizer_dir, 
     run_train(config(corpus, tokenizer_dir, out, "steps=6", "checkpoint_every=3"))
     run_train(config(corpus, tokenizer_dir, out, "steps=4", "checkpoint_every=2", "overwrite=true",
                      "optim.warmup_steps=1"))
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "resumed_from" not in rows[0]
     assert rows[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # the new schedule, to its own end
 
@@ -354,7 +351,7 @@ def test_a_killed_token_cache_build_resumes_to_the_same_cache(documents, tokeniz
     import pyarrow.parquet as pq
     for part in clean_root.glob("part-*.parquet"):
         assert pq.read_table(part).equals(pq.read_table(root / part.name)), part.name
-    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(clean)]
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(clean)]
 
 
 def test_students_on_one_corpus_share_one_token_cache(corpus, tokenizer_dir, clean_run, tmp_path):
