@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -61,11 +62,25 @@ def score(instances, model_dir, output, **kw):
     return run_score(cfg)
 
 
-@pytest.mark.parametrize("model_fixture", ["llama_dir", "gpt2_eos_only_dir"])
-def test_scores_equal_model_loss(model_fixture, instances, tmp_path, request):
-    model_dir = request.getfixturevalue(model_fixture)
-    manifest = score(instances, model_dir, tmp_path / "scores")
-    table = read_table(tmp_path / "scores")
+@pytest.fixture(scope="module")
+def llama_scores(instances, llama_dir, tmp_path_factory):
+    """One score table per model, shared by the tests that only read it (each run is ~15 s of
+    Ray and model start-up on 2 CPUs): (manifest, folder)."""
+    out = tmp_path_factory.mktemp("llama_scores")
+    return score(instances, llama_dir, out), out
+
+
+@pytest.fixture(scope="module")
+def gpt2_scores(instances, gpt2_eos_only_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpt2_scores")
+    return score(instances, gpt2_eos_only_dir, out), out
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_scores_equal_model_loss(model, instances, request):
+    model_dir = request.getfixturevalue({"llama": "llama_dir", "gpt2": "gpt2_eos_only_dir"}[model])
+    manifest, scores = request.getfixturevalue(f"{model}_scores")
+    table = read_table(scores)
     inst = pa.concat_tables(pq.read_table(instances / p["name"])
                             for p in io.read_json(str(instances / io.MANIFEST))["parts"])
     # every instance exactly once, nothing else
@@ -89,10 +104,10 @@ def test_scores_equal_model_loss(model_fixture, instances, tmp_path, request):
     assert manifest["tokens"] == sum(table["n_tokens"].to_pylist())
 
 
-def test_provenance_in_parquet_and_manifest(instances, llama_dir, tmp_path):
-    manifest = score(instances, llama_dir, tmp_path / "s")
+def test_provenance_in_parquet_and_manifest(instances, llama_dir, llama_scores):
+    manifest, scores = llama_scores
     inst_manifest = io.read_json(str(instances / io.MANIFEST))
-    prov = io.read_parquet_metadata(str(tmp_path / "s" / manifest["parts"][0]["name"]))
+    prov = io.read_parquet_metadata(str(scores / manifest["parts"][0]["name"]))
     assert prov == manifest["provenance"]
     assert prov["instances_fingerprint"] == inst_manifest["fingerprint"]
     assert prov["model"] == str(llama_dir) and prov["dtype"] == "float32"
@@ -101,8 +116,8 @@ def test_provenance_in_parquet_and_manifest(instances, llama_dir, tmp_path):
     assert [p["name"] for p in manifest["parts"]] == [p["name"] for p in inst_manifest["parts"]]
 
 
-def test_killed_run_resumes_to_identical_table(instances, llama_dir, tmp_path, capsys):
-    clean = score(instances, llama_dir, tmp_path / "clean")
+def test_killed_run_resumes_to_identical_table(instances, llama_dir, llama_scores, tmp_path, capsys):
+    clean, clean_dir = llama_scores
 
     class Killed(Exception):
         pass
@@ -123,7 +138,7 @@ def test_killed_run_resumes_to_identical_table(instances, llama_dir, tmp_path, c
     resumed = run_score(cfg, on_part_written=rescored.append)
     assert set(rescored) == {p["name"] for p in clean["parts"]} - set(first)  # only missing work
     assert all((tmp_path / "run" / n).stat().st_mtime_ns == t for n, t in first.items())
-    assert read_table(tmp_path / "run").equals(read_table(tmp_path / "clean"))
+    assert read_table(tmp_path / "run").equals(read_table(clean_dir))
     assert resumed["rows"] == clean["rows"]
 
     capsys.readouterr()
@@ -132,12 +147,15 @@ def test_killed_run_resumes_to_identical_table(instances, llama_dir, tmp_path, c
     assert again == [] and "nothing to do" in capsys.readouterr().out
 
 
-def test_refuses_output_of_another_model(instances, llama_dir, gpt2_eos_only_dir, tmp_path):
-    score(instances, llama_dir, tmp_path / "s")
+def test_refuses_output_of_another_model(instances, gpt2_eos_only_dir, llama_scores, gpt2_scores, tmp_path):
+    shutil.copytree(llama_scores[1], tmp_path / "s")  # a finished llama table
+    before = read_table(tmp_path / "s")
     with pytest.raises(ValueError, match="model_fingerprint.*differ.*--overwrite"):
         score(instances, gpt2_eos_only_dir, tmp_path / "s")
+    assert read_table(tmp_path / "s").equals(before)  # refused before any work
     manifest = score(instances, gpt2_eos_only_dir, tmp_path / "s", overwrite=True)
     assert manifest["provenance"]["model"] == str(gpt2_eos_only_dir)
+    assert read_table(tmp_path / "s").equals(read_table(gpt2_scores[1]))
 
 
 def load_scorer_inputs(model_dir, documents, n=40):
