@@ -4,6 +4,7 @@ the final checkpoint is a standard HF model the score stage reads, bad configs f
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +26,9 @@ def corpus(documents, tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("train_corpus")
     write_jsonl(root / "raw" / "a.jsonl", [{"text": d} for d in documents[0::2]])
     write_jsonl(root / "raw" / "b.jsonl", [{"text": d} for d in documents[1::2]])
+    # many small parts: a killed token-cache build stops between parts (see that test)
     run_prepare(PrepareConfig(inputs=[str(root / "raw")], output=str(root / "inst"),
-                              max_chars=1000, rows_per_part=100))
+                              max_chars=1000, rows_per_part=5))
     return root / "inst"
 
 
@@ -84,9 +86,12 @@ def test_loss_drops_and_final_checkpoint_scores(corpus, clean_run, tmp_path):
     # the checkpoint declares the context it was trained on, and scoring defaults to it
     assert model.config.trained_context == 64 and model.config.max_position_embeddings == 1024
     assert scores["provenance"]["max_length"] == 64
-    with pytest.warns(UserWarning, match="past .* declared context 64"):
+    # a longer max_length is warned about before any work (here: then refused, the table there
+    # having been scored at 64)
+    with pytest.warns(UserWarning, match="past .* declared context 64"), \
+            pytest.raises(ValueError, match="max_length"):
         run_score(ScoreConfig(instances=str(corpus), model=str(out / "final"), max_length=128,
-                              output=str(tmp_path / "scores_128"), cpus_per_worker=0.5))
+                              output=str(tmp_path / "scores"), cpus_per_worker=0.5))
 
 
 @pytest.mark.timeout(600)
@@ -297,7 +302,21 @@ def test_sampler_passes_differ_ranks_split_and_resume_reads_only_its_window(tmp_
     assert sequences_of(itertools.chain([first], batches)) == passes[1][start * 5:]
 
 
-def test_changed_settings_never_resume_an_old_checkpoint(corpus, tokenizer_dir, clean_run, tmp_path):
+@pytest.fixture(scope="module")
+def second_run(corpus, tokenizer_dir, clean_run, tmp_path_factory):
+    """Another run on the clean run's corpus with other settings (steps, seed, schedule), into a
+    copy of the finished clean run with overwrite=true, reading the clean run's token cache:
+    (its output, the token cache's files and mtimes before it ran)."""
+    out = tmp_path_factory.mktemp("second")
+    shutil.copytree(clean_run, out, ignore=shutil.ignore_patterns("tokens"), dirs_exist_ok=True)
+    cache = clean_run / "tokens"
+    before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
+    run_train(config(corpus, tokenizer_dir, out, "steps=4", "checkpoint_every=2", "overwrite=true",
+                     "optim.warmup_steps=1", "seed=7", f"token_cache={cache}"))
+    return out, before
+
+
+def test_changed_settings_never_resume_an_old_checkpoint(corpus, tokenizer_dir, clean_run, second_run):
     final = (clean_run / "final" / "model.safetensors").read_bytes()
     for change, key in (("steps=80", "steps"), ("data.seq_len=32", "data.seq_len"), ("seed=1", "seed"),
                         ("optim.lr=1e-3", "optim.lr"), ("data.fraction=0.5", "data.fraction")):
@@ -308,33 +327,34 @@ def test_changed_settings_never_resume_an_old_checkpoint(corpus, tokenizer_dir, 
     summary = run_train(config(corpus, tokenizer_dir, clean_run, *run_settings(corpus), "log_every=5"))
     assert summary["steps"] == STEPS and (clean_run / "final" / "model.safetensors").read_bytes() == final
 
-    out = tmp_path / "short"
-    run_train(config(corpus, tokenizer_dir, out, "steps=6", "checkpoint_every=3"))
-    run_train(config(corpus, tokenizer_dir, out, "steps=4", "checkpoint_every=2", "overwrite=true",
-                     "optim.warmup_steps=1"))
+    # overwrite=true in a finished run's folder: a fresh run to the new schedule's own end
+    out, _ = second_run
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "resumed_from" not in rows[0]
-    assert rows[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # the new schedule, to its own end
+    assert rows[-1]["lr"] == pytest.approx(3e-3 * 0.1)
+    assert (out / "final" / "model.safetensors").read_bytes() != final
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_token_cache_build_resumes_to_the_same_cache(documents, tokenizer_dir, tmp_path):
+def test_a_killed_token_cache_build_resumes_to_the_same_cache(corpus, tokenizer_dir, clean_run, tmp_path):
+    """`miniplm train` killed, whole process tree, while it packs the token cache: the re-run
+    finishes the cache, which equals the uninterrupted run's part for part, and trains on
+    the uninterrupted run's curve."""
+    import pyarrow.parquet as pq
+
     from miniplm import io
 
-    write_jsonl(tmp_path / "raw" / "docs.jsonl", [{"text": d} for d in documents])
-    inst = tmp_path / "inst"
-    run_prepare(PrepareConfig(inputs=[str(tmp_path / "raw")], output=str(inst), rows_per_part=4))
-    n_parts = len(io.read_json(str(inst / io.MANIFEST))["parts"])
+    n_parts = len(io.read_json(str(corpus / io.MANIFEST))["parts"])
     out, cache = tmp_path / "killed", tmp_path / "cache"
+    settings = [*run_settings(corpus), f"token_cache={cache}"]
     args = [sys.executable, "-m", "miniplm.cli", "train"]
-    for o in config_overrides(inst, tokenizer_dir, out) + ["steps=8", f"token_cache={cache}"]:
+    for o in config_overrides(corpus, tokenizer_dir, out) + settings:
         args += ["--set", o]
     proc = subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS="local"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        written = list(cache.glob("*/part-*.parquet"))
-        if len(written) >= 3:
+        if len(list(cache.glob("*/part-*.parquet"))) >= 3:
             break
         time.sleep(0.02)
     kill_tree(proc.pid)
@@ -342,23 +362,17 @@ def test_a_killed_token_cache_build_resumes_to_the_same_cache(documents, tokeniz
     (root,) = cache.iterdir()
     assert 3 <= len(list(root.glob("part-*.parquet"))) < n_parts and not (root / io.MANIFEST).exists()
 
-    run_train(config(inst, tokenizer_dir, out, "steps=8", f"token_cache={cache}"))
-    clean = tmp_path / "clean"
-    run_train(config(inst, tokenizer_dir, clean, "steps=8"))
-    (clean_root,) = (clean / "tokens").iterdir()
+    run_train(config(corpus, tokenizer_dir, out, *settings))
+    (clean_root,) = (clean_run / "tokens").iterdir()
     assert clean_root.name == root.name  # the cache is keyed by its content alone
     assert io.read_json(str(root / io.MANIFEST)) == io.read_json(str(clean_root / io.MANIFEST))
-    import pyarrow.parquet as pq
     for part in clean_root.glob("part-*.parquet"):
         assert pq.read_table(part).equals(pq.read_table(root / part.name)), part.name
-    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(clean)]
+    assert_same_curve(read_metrics(out), read_metrics(clean_run))
 
 
-def test_students_on_one_corpus_share_one_token_cache(corpus, tokenizer_dir, clean_run, tmp_path):
-    before = {p: p.stat().st_mtime_ns for p in (clean_run / "tokens").rglob("*")}
-    out = tmp_path / "second"
-    run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus), "steps=3", "seed=7",
-                     f"token_cache={clean_run / 'tokens'}"))
+def test_students_on_one_corpus_share_one_token_cache(clean_run, second_run):
+    out, before = second_run  # a run with another seed and budget, token_cache= the clean run's
     assert {p: p.stat().st_mtime_ns for p in (clean_run / "tokens").rglob("*")} == before
     assert not (out / "tokens").exists()
 
@@ -373,19 +387,20 @@ def test_training_sees_each_document_start_as_scoring_does(corpus, tokenizer_dir
     from miniplm.models import load_tokenizer
     from miniplm.tokens import DataSpec, build_token_cache, read_sequences
 
-    texts = pq.read_table(corpus / "part-00000-00000.parquet")["text"].to_pylist()
     for tok_dir, cache_root in ((tokenizer_dir, clean_run / "tokens"), (gpt2_eos_only_dir, tmp_path)):
         tok = load_tokenizer(str(tok_dir))
         root, manifest = build_token_cache(DataSpec(path=str(corpus), seq_len=64), str(tok_dir), str(cache_root))
-        first = {"parts": manifest["parts"][:1]}
-        stream = read_sequences(root, first).reshape(-1).tolist()
-        pos, checked = 1, 0
-        for text in texts[1:]:  # a part's first document has nothing before it
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            while pos + len(ids) <= len(stream) and stream[pos:pos + len(ids)] != ids:
-                pos += 1
-            if pos + len(ids) > len(stream):
-                break
-            assert stream[pos - 1] == prefix_token_id(tok), (tok_dir, checked)
-            pos, checked = pos + len(ids), checked + 1
+        checked = 0
+        for part in manifest["parts"][:6]:  # a cache part packs the instances part of its name
+            texts = pq.read_table(corpus / part["name"])["text"].to_pylist()
+            stream = read_sequences(root, {"parts": [part]}).reshape(-1).tolist()
+            pos = 1
+            for text in texts[1:]:  # a part's first document has nothing before it
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                while pos + len(ids) <= len(stream) and stream[pos:pos + len(ids)] != ids:
+                    pos += 1
+                if pos + len(ids) > len(stream):
+                    break
+                assert stream[pos - 1] == prefix_token_id(tok), (tok_dir, part["name"], checked)
+                pos, checked = pos + len(ids), checked + 1
         assert checked >= 10
