@@ -8,12 +8,10 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from conftest import run_cli, write_jsonl
 
 from miniplm import io
 from miniplm.cli import build_parser, resolve
@@ -91,7 +89,7 @@ def test_a_submitted_job_refuses_relative_paths(tmp_path, monkeypatch):
 @pytest.mark.timeout(600)
 def test_stage_chain_with_relative_paths(documents, llama_dir, tmp_path, ray_session):
     """prepare -> score (teacher, reference) -> select -> train as `miniplm` commands run from a
-    fresh working directory, every path relative. Train's workers run in Ray Train's own
+    fresh working directory (in one client process), every path relative. Train's workers run in Ray Train's own
     folder: before paths were resolved at the command line, its token cache was not found."""
     import ray
 
@@ -101,21 +99,17 @@ def test_stage_chain_with_relative_paths(documents, llama_dir, tmp_path, ray_ses
     shutil.copytree(llama_dir, cwd / "ckpt" / "reference")
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)  # this session's Ray
 
-    def miniplm(*args):
-        result = subprocess.run([sys.executable, "-m", "miniplm.cli", *args], cwd=cwd, env=env,
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-
-    miniplm("prepare", "raw", "--output", "work/instances", "--rows-per-part", "20")
-    for role in ("teacher", "reference"):
-        miniplm("score", "--instances", "work/instances", "--model", f"ckpt/{role}",
-                "--output", f"work/scores/{role}", "--cpus-per-worker", "0.5")
-    miniplm("select", "--instances", "work/instances", "--teacher", "work/scores/teacher",
-            "--reference", "work/scores/reference", "--output", "work/refined", "--alpha", "0.5")
-    miniplm("train", "--set", "output=runs/student", "--set", "data.path=work/refined",
-            "--set", "model.tokenizer=ckpt/teacher", "--set", "data.seq_len=32", "--set", "micro_batch=4",
-            "--set", "batch_tokens=128", "--set", "steps=3", "--set", "cpus_per_worker=0.5",
-            "--set", "eval.data=work/instances", "--set", "eval.max_sequences=4")
+    run_cli(env,
+            ["prepare", "raw", "--output", "work/instances", "--rows-per-part", "20"],
+            *[["score", "--instances", "work/instances", "--model", f"ckpt/{role}",
+               "--output", f"work/scores/{role}", "--cpus-per-worker", "0.5"] for role in ("teacher", "reference")],
+            ["select", "--instances", "work/instances", "--teacher", "work/scores/teacher",
+             "--reference", "work/scores/reference", "--output", "work/refined", "--alpha", "0.5"],
+            ["train", "--set", "output=runs/student", "--set", "data.path=work/refined",
+             "--set", "model.tokenizer=ckpt/teacher", "--set", "data.seq_len=32", "--set", "micro_batch=4",
+             "--set", "batch_tokens=128", "--set", "steps=3", "--set", "cpus_per_worker=0.5",
+             "--set", "eval.data=work/instances", "--set", "eval.max_sequences=4"],
+            cwd=cwd)
 
     kept = sum(pq.read_metadata(p).num_rows for p in (cwd / "work" / "refined").glob("part-*.parquet"))
     assert kept == 20  # floor(0.5 * 40)

@@ -17,7 +17,7 @@ import urllib.request
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port, save_tiny_model, write_jsonl
+from conftest import free_port, run_cli, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 from miniplm import io
@@ -59,23 +59,6 @@ def s3(tmp_path_factory):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-# Several `miniplm` commands in one client process: each parses its arguments and runs
-# exactly as from the shell, and they share one Ray start-up (~10 s each on 2 CPUs).
-CLI_SESSION = """
-import json, sys
-from miniplm.cli import main
-for argv in json.loads(sys.argv[1]):
-    if main(argv):
-        sys.exit(f"miniplm {argv[0]} failed")
-"""
-
-
-def cli(env, *commands: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-c", CLI_SESSION, json.dumps(commands)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
 def read_parts(fs, root) -> list:
@@ -123,7 +106,7 @@ def test_pipeline_on_s3_equals_local_disk(s3, documents, tokenizer_dir, llama_di
 
     # the same on s3://, every path a URL, through the CLI
     sets = [f"output={url}/run", f"data.path={url}/refined", f"model.tokenizer={url}/tokenizer", *TRAIN]
-    cli(env,
+    run_cli(env,
         ["prepare", f"{url}/raw", "--output", f"{url}/inst", "--max-chars", "800", "--rows-per-part", "25"],
         *[["score", "--instances", f"{url}/inst", "--model", f"{url}/{name}", "--output",
            f"{url}/scores/{name}", "--cpus-per-worker", "0.5", "--batch-tokens", "2048"]
