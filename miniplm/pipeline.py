@@ -386,7 +386,7 @@ def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, p
 
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
-# the 2-minute smoke version of the demo: a smaller corpus and budgets
+# the smoke version of the demo (a few minutes on 2 CPUs): a smaller corpus and budgets
 QUICK = ["corpus.sample_bytes=200000", "teacher.tokens=32000", "reference.tokens=20000",
          "students[0].tokens=40000", "students[1].tokens=40000", "train.eval_every=5"]
 

@@ -44,9 +44,9 @@ def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
 
 
 def run_settings(corpus) -> list[str]:
-    """The run every training test shares: uninterrupted once (`clean_run`), and killed twice.
+    """The run every training test shares: uninterrupted once (`clean_run`), and killed three times.
     Killed at the first registered checkpoint (step 20), it still has 140 steps (~4 s) to go,
-    so the kill lands mid-run; 160 steps also cross a pass over the corpus (1,062 sequences)."""
+    so the kill lands mid-run; 160 steps also cross a pass over the corpus (1,034 sequences)."""
     return [f"steps={STEPS}", "checkpoint_every=20", "keep_checkpoints=3",
             f"eval.data={corpus}", "eval.every=20", "eval.max_sequences=16"]
 
