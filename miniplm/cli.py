@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dotted override, e.g. --set selection.alpha=0.3 (repeatable)")
     run.add_argument("--address", help="Ray cluster to use")
     demo = sub.add_parser("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
-    demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke version")
+    demo.add_argument("--quick", action="store_true", help="a smoke version (a few minutes on 2 CPUs)")
     demo.add_argument("--with-kd", action="store_true", help="add a vanilla-KD student (the paper's "
                       "online-distillation baseline) at about the other students' total FLOPs")
     demo.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")

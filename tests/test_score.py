@@ -62,10 +62,10 @@ def score(instances, model_dir, output, **kw):
     return run_score(cfg)
 
 
+# One score table per model, shared by the tests that only read it (or copy it): a run is
+# ~15 s of Ray and model start-up on 2 CPUs. Each fixture gives (manifest, folder).
 @pytest.fixture(scope="module")
 def llama_scores(instances, llama_dir, tmp_path_factory):
-    """One score table per model, shared by the tests that only read it (each run is ~15 s of
-    Ray and model start-up on 2 CPUs): (manifest, folder)."""
     out = tmp_path_factory.mktemp("llama_scores")
     return score(instances, llama_dir, out), out
 
@@ -418,8 +418,6 @@ def test_cuda_score_stage_shares_one_gpu_between_two_workers(instances, llama_di
 
 def test_model_fingerprint_is_remembered_by_file_identity(llama_dir, tmp_path, monkeypatch):
     """A no-op re-run does not read the weights again; a checkpoint rewritten in place is read."""
-    import shutil
-
     from miniplm.models import model_fingerprint
 
     monkeypatch.setenv("MINIPLM_CACHE", str(tmp_path / "cache"))
