@@ -77,25 +77,15 @@ def main() -> None:
         write_corpus(raw, args.docs, args.files)
         print(f"  written in {time.perf_counter() - start:.1f}s", flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    load_before = os.getloadavg()[0]
-    sampler = MemorySampler()
-    sampler.start()
-    start = time.perf_counter()
-    manifest = run_prepare(PrepareConfig(inputs=[str(raw)], output=str(out), max_chars=8192,
-                                         rows_per_part=args.rows_per_part))
-    seconds = time.perf_counter() - start
-    sampler.stop()
-    rows = manifest["instances"]
+    with MemorySampler() as sampler:
+        manifest = run_prepare(PrepareConfig(inputs=[str(raw)], output=str(out), max_chars=8192,
+                                             rows_per_part=args.rows_per_part))
+    rows, seconds = manifest["instances"], sampler.seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"\nprepare over {args.files} files: {rows:,} instances in {seconds:.1f}s ({rows / seconds:,.0f} rows/s, "
           f"{rows / seconds / os.cpu_count():,.0f} per CPU)\n"
           f"  driver peak RSS {peak / GB:.2f} GB (kernel ru_maxrss)\n"
-          f"  Ray worker processes, peak of summed RSS {sampler.workers / GB:.2f} GB\n"
-          f"  driver + every Ray process, peak of summed RSS {sampler.rss / GB:.2f} GB, "
-          f"of summed PSS {sampler.pss / GB:.2f} GB (sampled every {sampler.interval}s)\n"
-          f"  machine load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
-          f"on {os.cpu_count()} CPUs")
-
+          + sampler.report())
 
 if __name__ == "__main__":
     main()

@@ -73,7 +73,8 @@ def is_ray_worker(proc: psutil.Process) -> bool:
 
 class MemorySampler(threading.Thread):
     """Peaks of the driver's RSS and of the summed RSS / PSS of every process it started
-    (raylet, GCS, Ray workers...), sampled every `interval` seconds."""
+    (raylet, GCS, Ray workers...), sampled every `interval` seconds. As a context manager it
+    also times the block (`seconds`) and notes the machine's load around it."""
 
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
@@ -99,6 +100,25 @@ class MemorySampler(threading.Thread):
         self.stopped.set()
         self.join()
 
+    def __enter__(self) -> MemorySampler:
+        self.load_before = os.getloadavg()[0]
+        self.start()
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.started
+        self.stop()
+        self.load_after = os.getloadavg()[0]
+
+    def report(self) -> str:
+        """The Ray processes' peaks and the load, one indented line each."""
+        return (f"  Ray worker processes, peak of summed RSS {self.workers / GB:.2f} GB\n"
+                f"  driver + every Ray process, peak of summed RSS {self.rss / GB:.2f} GB, "
+                f"of summed PSS {self.pss / GB:.2f} GB (sampled every {self.interval}s)\n"
+                f"  machine load average (1 min) {self.load_before:.1f} before, {self.load_after:.1f} "
+                f"after, on {os.cpu_count()} CPUs")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,25 +138,16 @@ def main() -> None:
         write_synthetic(root, args.rows, args.parts)
         print(f"synthetic tables: {args.rows:,} rows in {time.perf_counter() - start:.1f}s", flush=True)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    load_before = os.getloadavg()[0]
-    sampler = MemorySampler()
-    sampler.start()
-    start = time.perf_counter()
-    manifest = run_select(SelectConfig(instances=str(root / "instances"), teacher=str(root / "teacher"),
-                                       reference=str(root / "reference"), output=str(root / "refined"),
-                                       overwrite=True))
-    seconds = time.perf_counter() - start
-    sampler.stop()
+    with MemorySampler() as sampler:
+        manifest = run_select(SelectConfig(instances=str(root / "instances"), teacher=str(root / "teacher"),
+                                           reference=str(root / "reference"), output=str(root / "refined"),
+                                           overwrite=True))
+    seconds = sampler.seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"\nselect over {manifest['candidates']:,} rows: {seconds:.1f}s "
           f"({manifest['candidates'] / seconds:,.0f} rows/s), kept {manifest['instances']:,}\n"
           f"  driver peak RSS {peak / GB:.2f} GB (kernel ru_maxrss; before select {base_rss * 1024 / GB:.2f} GB)\n"
-          f"  Ray worker processes, peak of summed RSS {sampler.workers / GB:.2f} GB\n"
-          f"  driver + every Ray process, peak of summed RSS {sampler.rss / GB:.2f} GB, "
-          f"of summed PSS {sampler.pss / GB:.2f} GB (sampled every {sampler.interval}s)\n"
-          f"  machine load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
-          f"on {os.cpu_count()} CPUs")
-
+          + sampler.report())
 
 if __name__ == "__main__":
     main()
