@@ -9,6 +9,8 @@ import json
 import os
 import pathlib
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -103,9 +105,6 @@ for argv in json.loads(sys.argv[1]):
 
 def run_cli(env: dict, *commands: list[str], cwd=None) -> None:
     """`miniplm <command>` for each command, in order, in one new process (in `cwd`)."""
-    import subprocess
-    import sys
-
     proc = subprocess.run([sys.executable, "-c", CLI_SESSION, json.dumps(commands)], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -368,9 +368,10 @@ def test_a_killed_token_cache_build_resumes_to_the_same_cache(corpus, tokenizer_
     assert io.read_json(str(root / io.MANIFEST)) == io.read_json(str(clean_root / io.MANIFEST))
     for part in clean_root.glob("part-*.parquet"):
         assert pq.read_table(part).equals(pq.read_table(root / part.name)), part.name
-    assert_same_curve(read_metrics(out), read_metrics(clean_run))
+    resumed, clean = read_metrics(out), read_metrics(clean_run)
+    assert_same_curve(resumed, clean)
     # both trained from step 0 on the same cache: the very same losses
-    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(clean_run)]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in clean]
 
 
 def test_students_on_one_corpus_share_one_token_cache(clean_run, second_run):
