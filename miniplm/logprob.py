@@ -135,7 +135,7 @@ class SequenceScorer:
     """Scores token-id sequences with one loaded model."""
 
     def __init__(self, model, *, max_length: int, stride: int, batch_tokens: int,
-                 prefix_id: int, packing: str = "auto", head_chunk_tokens: int = 4096,
+                 prefix_id: int, packing: str = "auto", head_chunk_tokens: int = 512,
                  head_chunk_bytes: int = 256 << 20, prefetch: int = 2):
         if not 1 <= stride < max_length:
             raise ValueError(f"stride must be in [1, max_length), got {stride} with max_length {max_length}")
@@ -305,8 +305,10 @@ def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _logprob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per row, fp32: (P, V), (P,) -> (P,)."""
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    """log softmax(logits)[target] per row, fp32: (P, V), (P,) -> (P,). Cross-entropy's fused
+    log-softmax: on CPU a third faster than gather minus logsumexp, which makes extra passes
+    over the logits (`jobs/bench_score.py`)."""
+    return -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
 _END = object()
