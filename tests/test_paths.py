@@ -1,17 +1,15 @@
 """Relative paths, the way users type them: resolved once at the command line, before any Ray
-worker (which runs in another directory) can see them. The chain test runs the stages as a
-user does, as `miniplm` commands from a fresh working directory with relative paths only."""
+worker (which runs in another directory) can see them. The stages run as `miniplm` commands
+from a fresh working directory with relative paths only in test_storage.py, beside the same
+chain on s3://."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
 
-import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli, write_jsonl
 
 from miniplm import io
 from miniplm.cli import build_parser, resolve
@@ -84,38 +82,3 @@ def test_a_submitted_job_refuses_relative_paths(tmp_path, monkeypatch):
     absolute = build_parser().parse_args(["score", "--instances", "/data/instances", "--model",
                                           "s3://b/t", "--output", "/data/scores"])
     assert resolve(absolute)[0].output == "/data/scores"
-
-
-@pytest.mark.timeout(600)
-def test_stage_chain_with_relative_paths(documents, llama_dir, tmp_path, ray_session):
-    """prepare -> score (teacher, reference) -> select -> train as `miniplm` commands run from a
-    fresh working directory (in one client process), every path relative. Train's workers run in Ray Train's own
-    folder: before paths were resolved at the command line, its token cache was not found."""
-    import ray
-
-    cwd = tmp_path / "project"
-    write_jsonl(cwd / "raw" / "docs.jsonl", [{"text": d} for d in documents[:40]])
-    shutil.copytree(llama_dir, cwd / "ckpt" / "teacher")
-    shutil.copytree(llama_dir, cwd / "ckpt" / "reference")
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)  # this session's Ray
-
-    run_cli(env,
-            ["prepare", "raw", "--output", "work/instances", "--rows-per-part", "20"],
-            *[["score", "--instances", "work/instances", "--model", f"ckpt/{role}",
-               "--output", f"work/scores/{role}", "--cpus-per-worker", "0.5"] for role in ("teacher", "reference")],
-            ["select", "--instances", "work/instances", "--teacher", "work/scores/teacher",
-             "--reference", "work/scores/reference", "--output", "work/refined", "--alpha", "0.5"],
-            ["train", "--set", "output=runs/student", "--set", "data.path=work/refined",
-             "--set", "model.tokenizer=ckpt/teacher", "--set", "data.seq_len=32", "--set", "micro_batch=4",
-             "--set", "batch_tokens=128", "--set", "steps=3", "--set", "cpus_per_worker=0.5",
-             "--set", "eval.data=work/instances", "--set", "eval.max_sequences=4"],
-            cwd=cwd)
-
-    kept = sum(pq.read_metadata(p).num_rows for p in (cwd / "work" / "refined").glob("part-*.parquet"))
-    assert kept == 20  # floor(0.5 * 40)
-    rows = [json.loads(line) for line in open(cwd / "runs" / "student" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3] and "eval_loss" in rows[-1]
-    assert (cwd / "runs" / "student" / "final" / "config.json").exists()
-    for stage in ("instances", "scores/teacher", "refined"):  # every manifest names absolute paths
-        text = (cwd / "work" / stage / io.MANIFEST).read_text()
-        assert '"work/' not in text, stage

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from miniplm import io
-from miniplm.pipeline import DEMO_CONFIG, demo_config, load_pipeline, run_pipeline
+from miniplm.pipeline import DEMO_CONFIG, KD_STUDENT, demo_config, load_pipeline, run_pipeline
 
 
 def read_ids(root) -> list[str]:
@@ -58,30 +58,26 @@ def test_demo_quick_end_to_end(demo_run):
 
 
 @pytest.mark.timeout(600)
-def test_adding_a_student_trains_only_that_student(demo_run, ray_session):
+def test_added_students_train_alone_and_a_kd_student_distils_from_the_teacher(demo_run, ray_session):
+    """Two students added to the finished demo: a MiniPLM student with another seed, and the
+    vanilla-KD student of `miniplm demo --quick --with-kd`. Only they train: every earlier
+    step is reused, the score tables untouched."""
     out, _ = demo_run
     tables = {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")}
-    cfg = demo_config(str(out), quick=True)
-    extra = load_pipeline(DEMO_CONFIG, [f"output={out}", *quick_overrides(),
-                                        "students[2]={name: miniplm-seed2, corpus: refined, preset: tiny, "
+    with_kd = demo_config(str(out), quick=True, with_kd=True)  # `miniplm demo --quick --with-kd`
+    assert with_kd.students[2].name == "vanilla-kd" and with_kd.students[2].tokens == 16000
+    extra = load_pipeline(DEMO_CONFIG, [f"output={out}", *quick_overrides(), KD_STUDENT % 16000,
+                                        "students[3]={name: miniplm-seed2, corpus: refined, preset: tiny, "
                                         "tokens: 40000, seed: 2}"])
-    assert len(extra.students) == len(cfg.students) + 1
+    assert extra.students[:3] == with_kd.students and len(extra.students) == 4
     log = {name: status for name, status, _ in run_pipeline(extra)["steps"]}
-    assert log["train student miniplm-seed2"] == "ran"
+    assert log["train student miniplm-seed2"] == "ran" and log["train student vanilla-kd"] == "ran"
     for name in ("prepare corpus", "split D_ref", "train teacher", "train reference", "score teacher",
                  "score reference", "select refined", "select random", "train student vanilla",
                  "train student miniplm", "eval student vanilla", "eval student miniplm"):
         assert log[name] == "reused", name
     assert {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")} == tables
 
-
-@pytest.mark.timeout(600)
-def test_a_vanilla_kd_student_distils_from_the_pipelines_teacher(demo_run, ray_session):
-    out, _ = demo_run
-    cfg = demo_config(str(out), quick=True, with_kd=True)  # `miniplm demo --quick --with-kd`
-    assert cfg.students[2].name == "vanilla-kd" and cfg.students[2].tokens == 16000
-    log = {name: status for name, status, _ in run_pipeline(cfg)["steps"]}
-    assert log["train student vanilla-kd"] == "ran" and log["train teacher"] == "reused"
     train = io.read_json(str(out / "students" / "vanilla-kd" / "config.json"))["train"]
     assert train["kd"] == {"teacher": str(out / "teacher" / "final"), "weight": 0.5, "temperature": 1.0}
     summary = io.read_json(str(out / "report" / "report.json"))

@@ -1,13 +1,14 @@
 """Object storage: every stage reads and writes s3:// URLs and gives the same results as on
-local disk. The S3 API is real (moto's server on a loopback port, s3fs as the client); the
-S3 run goes through the CLI in its own process, the way a user runs it with credentials and
-an endpoint in the environment."""
+local disk (there through relative paths, as users type them). The S3 API is real (moto's
+server on a loopback port, s3fs as the client); the S3 run goes through the CLI in its own
+process, the way a user runs it with credentials and an endpoint in the environment."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,11 +22,6 @@ from conftest import free_port, run_cli, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 from miniplm import io
-from miniplm.config import load
-from miniplm.prepare import PrepareConfig, run_prepare
-from miniplm.score import ScoreConfig, run_score
-from miniplm.select import SelectConfig, run_select
-from miniplm.train import TrainConfig, run_train
 
 BUCKET = "miniplm"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -78,59 +74,72 @@ def read_losses(fs, run) -> list[float]:
 
 
 TRAIN = ["model.preset=tiny", "data.seq_len=64", "micro_batch=4", "batch_tokens=256", "steps=4",
-         "checkpoint_every=2", "optim.warmup_steps=2", "cpus_per_worker=1"]
+         "checkpoint_every=2", "optim.warmup_steps=2", "cpus_per_worker=1", "eval.max_sequences=4"]
+
+
+def stage_commands(raw, tokenizer, models, work, run) -> list[list[str]]:
+    """prepare -> score (teacher, reference) -> select -> train as `miniplm` commands, every
+    location a path (or URL) prefix the caller chooses."""
+    sets = [f"output={run}", f"data.path={work}/refined", f"model.tokenizer={tokenizer}",
+            f"eval.data={work}/inst", *TRAIN]
+    return [["prepare", raw, "--output", f"{work}/inst", "--max-chars", "800", "--rows-per-part", "25"],
+            *[["score", "--instances", f"{work}/inst", "--model", f"{models}/{name}", "--output",
+               f"{work}/scores/{name}", "--cpus-per-worker", "0.5", "--batch-tokens", "2048"]
+              for name in ("teacher", "reference")],
+            ["select", "--instances", f"{work}/inst", "--teacher", f"{work}/scores/teacher", "--reference",
+             f"{work}/scores/reference", "--output", f"{work}/refined", "--alpha", "0.5"],
+            ["train", *[a for s in sets for a in ("--set", s)]]]
 
 
 @pytest.mark.timeout(900)
-def test_pipeline_on_s3_equals_local_disk(s3, documents, tokenizer_dir, llama_dir, tmp_path, ray_session):
+def test_stage_chain_on_s3_equals_relative_paths_on_local_disk(s3, documents, tokenizer_dir, llama_dir,
+                                                                tmp_path, ray_session):
+    """The stages as `miniplm` commands twice: on local disk from a fresh working directory,
+    every path relative (resolved at the command line, before any Ray worker, which runs in
+    another directory, can see them: before that, train's workers did not find their token
+    cache), and on s3://, every path a URL. Both give the same data, curve and weights."""
+    import ray
+
     fs, env = s3
     url = f"s3://{BUCKET}"
-    reference_dir = save_tiny_model("llama", tokenizer_dir, tmp_path / "reference", hidden=32, seed=1)
-    raw = tmp_path / "raw"
-    write_jsonl(raw / "docs_a.jsonl", [{"text": d} for d in documents[0:60]])
-    write_jsonl(raw / "docs_b.jsonl", [{"text": d} for d in documents[60:120]])
-    for local, remote in [(raw, "raw"), (tokenizer_dir, "tokenizer"), (llama_dir, "teacher"),
-                          (reference_dir, "reference")]:
-        fs.put(f"{local}/", f"{BUCKET}/{remote}/", recursive=True)
+    cwd = tmp_path / "project"
+    write_jsonl(cwd / "raw" / "docs_a.jsonl", [{"text": d} for d in documents[0:60]])
+    write_jsonl(cwd / "raw" / "docs_b.jsonl", [{"text": d} for d in documents[60:120]])
+    shutil.copytree(tokenizer_dir, cwd / "tokenizer")
+    shutil.copytree(llama_dir, cwd / "ckpt" / "teacher")
+    save_tiny_model("llama", tokenizer_dir, cwd / "ckpt" / "reference", hidden=32, seed=1)
+    for local, remote in [("raw", "raw"), ("tokenizer", "tokenizer"), ("ckpt", "ckpt")]:
+        fs.put(f"{cwd / local}/", f"{BUCKET}/{remote}/", recursive=True)
 
-    # on local disk, in this process
-    loc = tmp_path / "local"
-    run_prepare(PrepareConfig(inputs=[str(raw)], output=str(loc / "inst"), max_chars=800, rows_per_part=25))
-    for name, model in [("teacher", llama_dir), ("reference", reference_dir)]:
-        run_score(ScoreConfig(instances=str(loc / "inst"), model=str(model), output=str(loc / name),
-                              cpus_per_worker=0.5, batch_tokens=2048))
-    run_select(SelectConfig(instances=str(loc / "inst"), teacher=str(loc / "teacher"),
-                            reference=str(loc / "reference"), output=str(loc / "refined"), alpha=0.5))
-    run_train(load(TrainConfig, None, [f"output={loc / 'run'}", f"data.path={loc / 'refined'}",
-                                       f"model.tokenizer={tokenizer_dir}", *TRAIN]))
+    # local disk, relative paths, this session's Ray
+    run_cli(dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address),
+            *stage_commands("raw", "tokenizer", "ckpt", "work", "runs/student"), cwd=cwd)
+    # s3://, through a client with credentials and an endpoint in its environment (and its own Ray)
+    run_cli(env, *stage_commands(f"{url}/raw", f"{url}/tokenizer", f"{url}/ckpt", url, f"{url}/run"))
 
-    # the same on s3://, every path a URL, through the CLI
-    sets = [f"output={url}/run", f"data.path={url}/refined", f"model.tokenizer={url}/tokenizer", *TRAIN]
-    run_cli(env,
-        ["prepare", f"{url}/raw", "--output", f"{url}/inst", "--max-chars", "800", "--rows-per-part", "25"],
-        *[["score", "--instances", f"{url}/inst", "--model", f"{url}/{name}", "--output",
-           f"{url}/scores/{name}", "--cpus-per-worker", "0.5", "--batch-tokens", "2048"]
-          for name in ("teacher", "reference")],
-        ["select", "--instances", f"{url}/inst", "--teacher", f"{url}/scores/teacher", "--reference",
-         f"{url}/scores/reference", "--output", f"{url}/refined", "--alpha", "0.5"],
-        ["train", *[a for s in sets for a in ("--set", s)]])
+    work, run = cwd / "work", cwd / "runs" / "student"
+    instances = sum(t.num_rows for t in read_parts(fsspec.filesystem("file"), work / "inst"))
+    assert sum(t.num_rows for t in read_parts(fsspec.filesystem("file"), work / "refined")) == instances // 2
+    for stage in ("inst", "scores/teacher", "refined"):  # every manifest names absolute paths
+        assert '"work/' not in (work / stage / io.MANIFEST).read_text(), stage
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_loss" in rows[-1]
 
     # identical instances, score tables, refined corpus, loss curve and final weights
     disk = fsspec.filesystem("file")
-    for local, remote in [("inst", "inst"), ("teacher", "scores/teacher"), ("reference", "scores/reference"),
-                          ("refined", "refined")]:
-        ours, theirs = read_parts(disk, loc / local), read_parts(fs, f"{BUCKET}/{remote}")
-        assert len(ours) == len(theirs) > 0, local
-        assert all(a.equals(b) for a, b in zip(ours, theirs)), local  # data, not provenance metadata
-    local_losses, s3_losses = read_losses(disk, loc / "run"), read_losses(fs, f"{BUCKET}/run")
-    assert len(local_losses) == 4 and s3_losses == pytest.approx(local_losses, rel=1e-5)
+    for stage in ("inst", "scores/teacher", "scores/reference", "refined"):
+        ours, theirs = read_parts(disk, work / stage), read_parts(fs, f"{BUCKET}/{stage}")
+        assert len(ours) == len(theirs) > 0, stage
+        assert all(a.equals(b) for a, b in zip(ours, theirs)), stage  # data, not provenance metadata
+    s3_losses = read_losses(fs, f"{BUCKET}/run")
+    assert s3_losses == pytest.approx([r["loss"] for r in rows], rel=1e-5)
     assert fs.exists(f"{BUCKET}/run/ray") and fs.glob(f"{BUCKET}/run/ray/step-*")  # checkpoints on s3
     cache = env["MINIPLM_CACHE"]  # remote checkpoints were downloaded once, into the cache
     assert {p.parent.name for p in pathlib.Path(cache).glob("remote/*/*/config.json")} == \
         {"teacher", "reference"}
     assert not os.path.exists("s3:")  # no URL was mistaken for a local path
     fs.get(f"{BUCKET}/run/final/", str(tmp_path / "s3_final") + "/", recursive=True)
-    ours = load_file(loc / "run" / "final" / "model.safetensors")
+    ours = load_file(run / "final" / "model.safetensors")
     theirs = load_file(tmp_path / "s3_final" / "model.safetensors")
     assert ours.keys() == theirs.keys()
     for k in ours:

@@ -44,9 +44,10 @@ def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
 
 
 def run_settings(corpus) -> list[str]:
-    """The run every training test shares: uninterrupted once (`clean_run`), killed at the first
-    registered checkpoint (step 20) twice, where it still has 140 steps (~4 s) to go, so the
-    kill lands mid-run, and killed once while it builds its token cache; 160 steps also cross a pass over the corpus (1,034 sequences)."""
+    """The run every training test shares: uninterrupted once (`clean_run`); killed while it
+    builds its token cache and then at the first registered checkpoint (step 20), where it
+    still has 140 steps (~4 s) to go, so the kill lands mid-run; its worker killed there once.
+    160 steps also cross a pass over the corpus (1,034 sequences)."""
     return [f"steps={STEPS}", "checkpoint_every=20", "keep_checkpoints=3",
             f"eval.data={corpus}", "eval.every=20", "eval.max_sequences=16"]
 
@@ -135,25 +136,6 @@ def assert_restored_once(rows: list[dict], at_least: int) -> None:
     assert len(restored) == 1, restored
     assert restored[0]["resumed_from"] >= at_least
     assert restored[0]["step"] == restored[0]["resumed_from"] + 1
-
-
-@pytest.mark.timeout(900)
-def test_killed_run_resumes_on_the_same_curve(corpus, tokenizer_dir, clean_run, tmp_path):
-    out = tmp_path / "killed"
-    args = [sys.executable, "-m", "miniplm.cli", "train"]
-    for o in config_overrides(corpus, tokenizer_dir, out) + run_settings(corpus):
-        args += ["--set", o]
-    env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, so the kill takes all of it
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_checkpoint(out, "step-00000020", alive=lambda: proc.poll() is None)
-    kill_tree(proc.pid)  # the whole run: driver, the Ray it started and its workers
-    proc.wait()
-    assert not (out / "final").exists()
-
-    run_train(config(corpus, tokenizer_dir, out, *run_settings(corpus)))
-    resumed = read_metrics(out)
-    assert_restored_once(resumed, at_least=20)
-    assert_same_curve(resumed, read_metrics(clean_run))
 
 
 @pytest.mark.timeout(900)
@@ -335,11 +317,21 @@ def test_changed_settings_never_resume_an_old_checkpoint(corpus, tokenizer_dir, 
     assert (out / "final" / "model.safetensors").read_bytes() != final
 
 
-@pytest.mark.timeout(600)
-def test_a_killed_token_cache_build_resumes_to_the_same_cache(corpus, tokenizer_dir, clean_run, tmp_path):
-    """`miniplm train` killed, whole process tree, while it packs the token cache: the re-run
-    finishes the cache, which equals the uninterrupted run's part for part, and trains on
-    the uninterrupted run's curve."""
+def start_train_process(corpus, tokenizer_dir, out, settings) -> subprocess.Popen:
+    """`miniplm train` in a process of its own with its own Ray, so a kill takes all of it."""
+    args = [sys.executable, "-m", "miniplm.cli", "train"]
+    for o in config_overrides(corpus, tokenizer_dir, out) + settings:
+        args += ["--set", o]
+    return subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS="local"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(900)
+def test_a_run_killed_twice_resumes_to_the_same_cache_and_curve(corpus, tokenizer_dir, clean_run, tmp_path):
+    """`miniplm train` killed twice, its whole process tree each time (driver, the Ray it
+    started, its workers): first while it packs the token cache, then at its first registered
+    checkpoint. The last re-run finishes; its cache equals the uninterrupted run's part for
+    part, and its curve is the uninterrupted run's."""
     import pyarrow.parquet as pq
 
     from miniplm import io
@@ -347,11 +339,8 @@ def test_a_killed_token_cache_build_resumes_to_the_same_cache(corpus, tokenizer_
     n_parts = len(io.read_json(str(corpus / io.MANIFEST))["parts"])
     out, cache = tmp_path / "killed", tmp_path / "cache"
     settings = [*run_settings(corpus), f"token_cache={cache}"]
-    args = [sys.executable, "-m", "miniplm.cli", "train"]
-    for o in config_overrides(corpus, tokenizer_dir, out) + settings:
-        args += ["--set", o]
-    proc = subprocess.Popen(args, env=dict(os.environ, RAY_ADDRESS="local"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    proc = start_train_process(corpus, tokenizer_dir, out, settings)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if len(list(cache.glob("*/part-*.parquet"))) >= 3:
@@ -362,6 +351,12 @@ def test_a_killed_token_cache_build_resumes_to_the_same_cache(corpus, tokenizer_
     (root,) = cache.iterdir()
     assert 3 <= len(list(root.glob("part-*.parquet"))) < n_parts and not (root / io.MANIFEST).exists()
 
+    proc = start_train_process(corpus, tokenizer_dir, out, settings)  # finishes the cache, then trains
+    wait_for_checkpoint(out, "step-00000020", alive=lambda: proc.poll() is None)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert not (out / "final").exists()
+
     run_train(config(corpus, tokenizer_dir, out, *settings))
     (clean_root,) = (clean_run / "tokens").iterdir()
     assert clean_root.name == root.name  # the cache is keyed by its content alone
@@ -369,9 +364,11 @@ def test_a_killed_token_cache_build_resumes_to_the_same_cache(corpus, tokenizer_
     for part in clean_root.glob("part-*.parquet"):
         assert pq.read_table(part).equals(pq.read_table(root / part.name)), part.name
     resumed, clean = read_metrics(out), read_metrics(clean_run)
+    assert_restored_once(resumed, at_least=20)
     assert_same_curve(resumed, clean)
-    # both trained from step 0 on the same cache: the very same losses
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in clean]
+    # up to the restore, both trained from step 0 on the same cache: the very same losses
+    before = next(r["resumed_from"] for r in resumed if "resumed_from" in r)
+    assert [r["loss"] for r in resumed[:before]] == [r["loss"] for r in clean[:before]]
 
 
 def test_students_on_one_corpus_share_one_token_cache(clean_run, second_run):
