@@ -12,8 +12,10 @@ layouts (`packing`):
   packed  all windows in one row, `position_ids` restarting per window, no mask and no
           cache, so the model's varlen kernels (flash attention) keep windows apart and
           no padded token is computed
-The LM head runs only at scored positions, in chunks, in float32 (the head weight upcast one
-vocabulary block at a time), so `[batch, seq, vocab]` logits never exist in any dtype. Models
+The LM head runs only at scored positions, in chunks of 512 positions by a vocabulary block of
+at most 32 MB of float32 logits (the head weight upcast one block at a time), so
+`[batch, seq, vocab]` logits never exist in any dtype and the head's memory is the same
+whatever the vocabulary and batch (small blocks also stay in cache on CPU). Models
 that post-process their logits (soft-capping, scaling) keep the model's own logits, a few
 rows at a time. Per-window sums are reduced on the host in a fixed order, so a table is
 bit-identical however often it is recomputed, on GPU too. No Ray here: the score stage
@@ -136,7 +138,7 @@ class SequenceScorer:
 
     def __init__(self, model, *, max_length: int, stride: int, batch_tokens: int,
                  prefix_id: int, packing: str = "auto", head_chunk_tokens: int = 512,
-                 head_chunk_bytes: int = 256 << 20, prefetch: int = 2):
+                 head_chunk_bytes: int = 32 << 20, prefetch: int = 2):
         if not 1 <= stride < max_length:
             raise ValueError(f"stride must be in [1, max_length), got {stride} with max_length {max_length}")
         if packing not in PACKING:
