@@ -7,7 +7,8 @@ batches), side by side in one run.
 
 Prints, for each path: seconds to the first batch of a pass, steady tokens/s over `--batches`
 micro-batches, seconds to the first batch of a run resumed `--resume-at` batches into the pass,
-and peak RSS (this process; Ray's object store is shared memory beside it).
+how many cache rows were read before a resumed run's first batch, and peak RSS (this
+process; Ray's object store is shared memory beside it).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def ray_data_path(root, manifest, args) -> dict:
     resume = time.perf_counter() - start
     stream.close()
     ray.shutdown()
-    return {"first": first, "rate": rate, "resume": resume, "resume_rows_read": (args.resume_at + 1) * args.micro_batch}
+    # the global shuffle reads every row before its first batch, then the consumed ones again
+    consumed = (args.resume_at + 1) * args.micro_batch
+    return {"first": first, "rate": rate, "resume": resume, "resume_rows_read": manifest["sequences"] + consumed}
 
 
 def main() -> None:
