@@ -120,10 +120,38 @@ class MemorySampler(threading.Thread):
                 f"after, on {os.cpu_count()} CPUs")
 
 
+def check_sample(root: pathlib.Path, manifest: dict, n_parts: int) -> str:
+    """The kept set against an independent computation, outside the timed block: the count is
+    exactly floor(alpha * N), and in a seeded sample of parts (pandas, float64) every instance
+    above the threshold is kept, none below it, and kept ties are the part's lowest ids."""
+    from fractions import Fraction
+
+    import pyarrow.parquet as pq
+
+    n, alpha = manifest["candidates"], manifest["alpha"]
+    assert manifest["instances"] == int(Fraction(str(alpha)) * n), (manifest["instances"], alpha, n)
+    threshold = manifest["threshold"]
+    names = [p["name"] for p in io.read_json(str(root / "instances" / io.MANIFEST))["parts"]]
+    sample = sorted(np.random.default_rng(0).choice(len(names), min(n_parts, len(names)), replace=False))
+    for name in (names[i] for i in sample):
+        t, r = (pq.read_table(root / role / name).to_pandas().set_index("id") for role in ("teacher", "reference"))
+        key = (t.logprob / t.n_tokens - r.logprob.loc[t.index] / r.n_tokens.loc[t.index]).sort_index()
+        refined = root / "refined" / name
+        kept = set(pq.read_table(refined, columns=["id"])["id"].to_pylist()) if refined.exists() else set()
+        assert kept >= set(key.index[key > threshold]), name
+        assert not kept & set(key.index[key < threshold]), name
+        ties = list(key.index[key == threshold])
+        assert set(ties[:len(kept & set(ties))]) == kept & set(ties), name
+    return (f"kept set checked: {manifest['instances']:,} = floor({alpha} x {n:,}); parts "
+            f"{', '.join(names[i] for i in sample)} agree with an independent pandas top-alpha")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--parts", type=int, default=100)
+    parser.add_argument("--check-parts", type=int, default=5,
+                        help="parts whose kept ids are checked against an independent pandas top-alpha")
     parser.add_argument("--data", help="folder of synthetic tables to reuse (written there when absent)")
     args = parser.parse_args()
     import ray
@@ -144,6 +172,7 @@ def main() -> None:
                                            overwrite=True))
     seconds = sampler.seconds
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(check_sample(root, manifest, args.check_parts))
     print(f"\nselect over {manifest['candidates']:,} rows: {seconds:.1f}s "
           f"({manifest['candidates'] / seconds:,.0f} rows/s), kept {manifest['instances']:,}\n"
           f"  driver peak RSS {peak / GB:.2f} GB (kernel ru_maxrss; before select {base_rss * 1024 / GB:.2f} GB)\n"
