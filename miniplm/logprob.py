@@ -308,8 +308,8 @@ def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 def _logprob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row, fp32: (P, V), (P,) -> (P,). Cross-entropy's fused
-    log-softmax: on CPU a third faster than gather minus logsumexp, which makes extra passes
-    over the logits (`jobs/bench_score.py`)."""
+    log-softmax: on CPU about a third faster than gather minus logsumexp, which makes extra
+    passes over the logits."""
     return -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
