@@ -118,17 +118,19 @@ def test_stage_chain_on_s3_equals_relative_paths_on_local_disk(s3, documents, to
     run_cli(env, *stage_commands(f"{url}/raw", f"{url}/tokenizer", f"{url}/ckpt", url, f"{url}/run"))
 
     work, run = cwd / "work", cwd / "runs" / "student"
-    instances = sum(t.num_rows for t in read_parts(fsspec.filesystem("file"), work / "inst"))
-    assert sum(t.num_rows for t in read_parts(fsspec.filesystem("file"), work / "refined")) == instances // 2
+    disk = fsspec.filesystem("file")
+    local = {stage: read_parts(disk, work / stage)
+             for stage in ("inst", "scores/teacher", "scores/reference", "refined")}
+    kept, instances = (sum(t.num_rows for t in local[stage]) for stage in ("refined", "inst"))
+    assert kept == instances // 2
     for stage in ("inst", "scores/teacher", "refined"):  # every manifest names absolute paths
         assert '"work/' not in (work / stage / io.MANIFEST).read_text(), stage
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and "eval_loss" in rows[-1]
 
     # identical instances, score tables, refined corpus, loss curve and final weights
-    disk = fsspec.filesystem("file")
-    for stage in ("inst", "scores/teacher", "scores/reference", "refined"):
-        ours, theirs = read_parts(disk, work / stage), read_parts(fs, f"{BUCKET}/{stage}")
+    for stage, ours in local.items():
+        theirs = read_parts(fs, f"{BUCKET}/{stage}")
         assert len(ours) == len(theirs) > 0, stage
         assert all(a.equals(b) for a, b in zip(ours, theirs)), stage  # data, not provenance metadata
     s3_losses = read_losses(fs, f"{BUCKET}/run")
