@@ -60,6 +60,7 @@ def train_loop(loop_config: dict) -> None:
 
     from miniplm import distill
     from miniplm.config import build
+    from miniplm.models import config_from_dict
 
     cfg: TrainConfig = build(TrainConfig, loop_config["cfg"])
     ctx = ray.train.get_context()
@@ -68,7 +69,7 @@ def train_loop(loop_config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-    hf_config = loop_config["hf_config"]
+    hf_config = config_from_dict(loop_config["hf_config"])
     raw_model = AutoModelForCausalLM.from_config(hf_config).to(device)  # the student
     # its loss (and the frozen teacher of cfg.kd, loaded after the student's init, kept out of
     # the student's module tree: no gradient, optimizer state, DDP sync or checkpoint)

@@ -177,5 +177,14 @@ def model_config(spec: ModelSpec, tokenizer, seq_len: int):
     return config
 
 
+def config_from_dict(values: dict):
+    """An HF config rebuilt from its `to_dict()` (what config.json holds). Ray Train hands a
+    plain dict to its workers: a config object would make its controller, which never builds
+    a model, import transformers first (seconds of every run's start on a small machine)."""
+    from transformers import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[values["model_type"]].from_dict(values)
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())

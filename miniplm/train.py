@@ -258,7 +258,7 @@ def run_train(cfg: TrainConfig) -> dict:
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "hf_config": hf_config, "eval_cache": eval_cache,
+        train_loop_config={"cfg": to_dict(cfg), "hf_config": hf_config.to_dict(), "eval_cache": eval_cache,
                            "cache": (cache, cache_manifest), "run": io.hash_json(settings)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

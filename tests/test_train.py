@@ -183,6 +183,28 @@ def test_bad_configs_fail_before_work(corpus, tokenizer_dir, tmp_path):
     assert not out.exists()
 
 
+def test_model_config_reaches_workers_as_a_dict_and_builds_the_same_model(tokenizer_dir):
+    """Ray Train's workers get the model config as a plain dict (so its controller need not
+    import transformers); the dict must rebuild the very config, for every preset."""
+    import torch
+
+    from miniplm.models import PRESETS, ModelSpec, config_from_dict, load_tokenizer, model_config
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    for preset in PRESETS:
+        config = model_config(ModelSpec(preset=preset, tokenizer=str(tokenizer_dir)), tok, 64)
+        rebuilt = config_from_dict(config.to_dict())
+        assert type(rebuilt) is type(config) and rebuilt.to_dict() == config.to_dict(), preset
+        assert rebuilt.trained_context == 64
+    config = model_config(ModelSpec(preset="tiny", tokenizer=str(tokenizer_dir)), tok, 64)
+    models = []
+    for c in (config, config_from_dict(config.to_dict())):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(c).state_dict())
+    assert models[0].keys() == models[1].keys()
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
 def test_cosine_schedule_lands_on_its_floor_at_the_last_step(corpus, tokenizer_dir, tmp_path):
     from miniplm.loop import lr_at
 
