@@ -8,9 +8,12 @@ import inspect
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -24,11 +27,51 @@ STDLIB_MODULES = ["json", "argparse", "collections", "functools", "itertools", "
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server(tmp_path_factory):
+    """A real S3 API (moto's server on a loopback port). Yields the environment a node needs to
+    reach it: endpoint, credentials, and a cache for checkpoints downloaded from it."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.3)
+        yield {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint,
+               "MINIPLM_CACHE": str(tmp_path_factory.mktemp("download_cache"))}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """This session's Ray. Its processes hold the S3 endpoint and credentials in their
+    environment, as the nodes of a cluster that reads s3:// do; this process does not."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    saved = {k: os.environ.get(k) for k in s3_server}
+    os.environ.update(s3_server)  # inherited by the Ray processes started here
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    finally:  # (ray.init sets variables of its own, such as RAY_AUTH_MODE: those stay)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield
@@ -103,11 +146,29 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
-def run_cli(env: dict, *commands: list[str], cwd=None) -> None:
-    """`miniplm <command>` for each command, in order, in one new process (in `cwd`)."""
-    proc = subprocess.run([sys.executable, "-c", CLI_SESSION, json.dumps(commands)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+def run_cli_sessions(*sessions: tuple[dict, list[list[str]], object]) -> None:
+    """For each (env, commands, cwd): `miniplm <command>` for each command, in order, in one new
+    process (in `cwd`). The sessions run at the same time, overlapping their start-ups and
+    their waits for I/O; their output goes to files, so no pipe fills up and blocks one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as logs:
+        procs = []
+        try:
+            for i, (env, commands, cwd) in enumerate(sessions):
+                log = open(os.path.join(logs, f"{i}.log"), "w+")
+                procs.append((subprocess.Popen([sys.executable, "-c", CLI_SESSION, json.dumps(commands)],
+                                               env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT),
+                              log))
+            for proc, log in procs:
+                proc.wait(timeout=600)
+                log.seek(0)
+                assert proc.returncode == 0, log.read()[-8000:]
+        finally:
+            for proc, log in procs:
+                proc.kill()
+                proc.wait()
+                log.close()
 
 
 def train_overrides(corpus, tokenizer_dir, output) -> list[str]:
@@ -214,3 +275,31 @@ def corpus_dir(documents, tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def qwen2_dir(tokenizer_dir, tmp_path_factory) -> pathlib.Path:
     return save_tiny_qwen2(tokenizer_dir, tmp_path_factory.mktemp("qwen2"))
+
+
+# how the tests score: half a CPU per actor (tokenising tasks get the rest), small batches
+SCORE_SETTINGS = dict(cpus_per_worker=0.5, batch_tokens=2048)
+
+
+@pytest.fixture(scope="session")
+def instances(documents, tmp_path_factory, ray_session) -> pathlib.Path:
+    """~60 real documents in 4 parts; many longer than the tiny models' 64-token context."""
+    from miniplm.prepare import PrepareConfig, run_prepare
+
+    root = tmp_path_factory.mktemp("score_corpus")
+    write_jsonl(root / "raw" / "docs.jsonl", [{"text": d} for d in documents[:60]])
+    out = root / "instances"
+    run_prepare(PrepareConfig(inputs=[str(root / "raw")], output=str(out), max_chars=1500,
+                              rows_per_part=20))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_scores(instances, llama_dir, tmp_path_factory):
+    """The tiny Llama's score table of `instances`: (manifest, folder). Shared by the tests
+    that only read it or compare with it: a run is ~15 s of Ray and model start-up on 2 CPUs."""
+    from miniplm.score import ScoreConfig, run_score
+
+    out = tmp_path_factory.mktemp("llama_scores")
+    return run_score(ScoreConfig(instances=str(instances), model=str(llama_dir), output=str(out),
+                                 **SCORE_SETTINGS)), out

@@ -1,7 +1,8 @@
 """Object storage: every stage reads and writes s3:// URLs and gives the same results as on
 local disk (there through relative paths, as users type them). The S3 API is real (moto's
 server on a loopback port, s3fs as the client); the S3 run goes through the CLI in its own
-process, the way a user runs it with credentials and an endpoint in the environment."""
+process, the way a user runs it, with credentials and an endpoint in its environment and in
+that of the Ray cluster it runs on."""
 
 from __future__ import annotations
 
@@ -9,52 +10,28 @@ import json
 import os
 import pathlib
 import shutil
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from conftest import free_port, run_cli, save_tiny_model, write_jsonl
+from conftest import run_cli_sessions, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 from miniplm import io
 
 BUCKET = "miniplm"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server; yields (s3fs filesystem, environment for a client process)."""
+def s3(s3_server, ray_session):
+    """An S3 client of the session's S3 API with a bucket; yields (s3fs filesystem, environment
+    of a client process that runs stages on the session's Ray, whose nodes can reach S3)."""
+    import ray
     import s3fs
 
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.3)
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
-        fs.mkdir(BUCKET)
-        env = dict(os.environ, **CREDENTIALS, AWS_ENDPOINT_URL=endpoint, RAY_ADDRESS="local",
-                   MINIPLM_CACHE=str(tmp_path_factory.mktemp("download_cache")))
-        yield fs, env
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing", secret="testing")
+    fs.mkdir(BUCKET)
+    yield fs, dict(os.environ, **s3_server, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
 
 
 def read_parts(fs, root) -> list:
@@ -111,11 +88,13 @@ def test_stage_chain_on_s3_equals_relative_paths_on_local_disk(s3, documents, to
     for local, remote in [("raw", "raw"), ("tokenizer", "tokenizer"), ("ckpt", "ckpt")]:
         fs.put(f"{cwd / local}/", f"{BUCKET}/{remote}/", recursive=True)
 
-    # local disk, relative paths, this session's Ray
-    run_cli(dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address),
-            *stage_commands("raw", "tokenizer", "ckpt", "work", "runs/student"), cwd=cwd)
-    # s3://, through a client with credentials and an endpoint in its environment (and its own Ray)
-    run_cli(env, *stage_commands(f"{url}/raw", f"{url}/tokenizer", f"{url}/ckpt", url, f"{url}/run"))
+    run_cli_sessions(
+        # local disk, relative paths, this session's Ray
+        (dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address),
+         stage_commands("raw", "tokenizer", "ckpt", "work", "runs/student"), cwd),
+        # s3://, through a client with credentials and an endpoint in its environment, on the
+        # same Ray at the same time: the two overlap their start-ups and S3 round trips
+        (env, stage_commands(f"{url}/raw", f"{url}/tokenizer", f"{url}/ckpt", url, f"{url}/run"), None))
 
     work, run = cwd / "work", cwd / "runs" / "student"
     disk = fsspec.filesystem("file")
