@@ -9,7 +9,7 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
+from conftest import SCORE_SETTINGS, write_jsonl
 
 from miniplm import io
 from miniplm.cli import user_message
@@ -72,13 +72,11 @@ def test_full_disk_fails_clearly_and_a_rerun_resumes(raw_corpus, small_disk, tmp
 
 
 @pytest.mark.timeout(600)
-def test_output_turned_read_only_mid_run(raw_corpus, llama_dir, small_disk, tmp_path, ray_session):
-    instances = tmp_path / "instances"
-    run_prepare(PrepareConfig(inputs=[str(raw_corpus)], output=str(instances), max_chars=1000,
-                              rows_per_part=30))
-    score = dict(instances=str(instances), model=str(llama_dir), cpus_per_worker=0.5, batch_tokens=2048)
-    clean = run_score(ScoreConfig(output=str(tmp_path / "clean"), **score))
-
+def test_output_turned_read_only_mid_run(instances, llama_dir, llama_scores, small_disk, ray_session):
+    """Scoring loses write access after its first part; the re-run ends with the session's
+    clean table of the same instances and model (`llama_scores`, the same settings)."""
+    score = dict(instances=str(instances), model=str(llama_dir), **SCORE_SETTINGS)
+    clean, clean_dir = llama_scores
     out = small_disk / "scores"
 
     def lose_write_access(name, written=[]):
@@ -93,7 +91,7 @@ def test_output_turned_read_only_mid_run(raw_corpus, llama_dir, small_disk, tmp_
     remount(small_disk, "rw")
     resumed = run_score(ScoreConfig(output=str(out), **score))
     assert resumed["rows"] == clean["rows"]
-    ours, theirs = parts(out), parts(tmp_path / "clean")
+    ours, theirs = parts(out), parts(clean_dir)
     assert ours.keys() == theirs.keys() and all(ours[n].equals(theirs[n]) for n in ours)
 
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import ray_worker_pids, save_tiny_model, write_jsonl
+from conftest import SCORE_SETTINGS, ray_worker_pids, save_tiny_model, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from miniplm import io
@@ -45,31 +45,14 @@ def reference_logprob(model, tok, text: str, max_length: int, stride: int) -> tu
         scored_until, end = end, min(end + stride, len(seq))
 
 
-@pytest.fixture(scope="module")
-def instances(documents, tmp_path_factory, ray_session):
-    """~60 real documents in 4 parts; many longer than the tiny models' 64-token context."""
-    root = tmp_path_factory.mktemp("score_corpus")
-    write_jsonl(root / "raw" / "docs.jsonl", [{"text": d} for d in documents[:60]])
-    out = root / "instances"
-    run_prepare(PrepareConfig(inputs=[str(root / "raw")], output=str(out), max_chars=1500,
-                              rows_per_part=20))
-    return out
-
-
 def score(instances, model_dir, output, **kw):
-    cfg = ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output),
-                      cpus_per_worker=0.5, batch_tokens=2048, **kw)
+    cfg = ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output), **SCORE_SETTINGS, **kw)
     return run_score(cfg)
 
 
 # One score table per model, shared by the tests that only read it (or copy it): a run is
-# ~15 s of Ray and model start-up on 2 CPUs. Each fixture gives (manifest, folder).
-@pytest.fixture(scope="module")
-def llama_scores(instances, llama_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("llama_scores")
-    return score(instances, llama_dir, out), out
-
-
+# ~15 s of Ray and model start-up on 2 CPUs. Each fixture gives (manifest, folder); the
+# Llama's (`llama_scores`) is the session's.
 @pytest.fixture(scope="module")
 def gpt2_scores(instances, gpt2_eos_only_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpt2_scores")
@@ -128,7 +111,7 @@ def test_killed_run_resumes_to_identical_table(instances, llama_dir, llama_score
             raise Killed(name)
 
     cfg = ScoreConfig(instances=str(instances), model=str(llama_dir), output=str(tmp_path / "run"),
-                      cpus_per_worker=0.5, batch_tokens=2048)
+                      **SCORE_SETTINGS)
     with pytest.raises(Killed):
         run_score(cfg, on_part_written=die_after_two)
     first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("part-*.parquet")}
@@ -271,12 +254,24 @@ def test_bad_arguments_fail_before_work(instances, tmp_path):
         run_score(ScoreConfig(instances=str(tmp_path), model=str(tmp_path), output=str(tmp_path / "o")))
 
 
+def assert_scores_equal_model_loss(table: pa.Table, instances, model_dir, **load) -> None:
+    """Every instance once, each log-probability its model's own loss (`reference_logprob`)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    L = model.config.max_position_embeddings
+    inst = pa.concat_tables(pq.read_table(instances / p["name"])
+                            for p in io.read_json(str(instances / io.MANIFEST))["parts"])
+    texts = dict(zip(inst["id"].to_pylist(), inst["text"].to_pylist()))
+    assert sorted(table["id"].to_pylist()) == sorted(texts)
+    for row in table.to_pylist():
+        expected, n = reference_logprob(model, tok, texts[row["id"]], L, L // 2)
+        assert row["n_tokens"] == n and row["logprob"] == pytest.approx(expected, rel=1e-5), row["id"]
+
+
 @pytest.mark.timeout(600)
 def test_killed_scoring_actor_is_replaced_and_the_table_is_complete(instances, tokenizer_dir, tmp_path):
     # a model slow enough on CPU that parts are still being scored when the actor dies
     model_dir = save_tiny_model("llama", tokenizer_dir, tmp_path / "model", hidden=256, layers=6)
-    clean = score(instances, model_dir, tmp_path / "clean")
-
     killed, seen_after = [], set()
 
     def kill_the_actor_once(name):
@@ -289,11 +284,10 @@ def test_killed_scoring_actor_is_replaced_and_the_table_is_complete(instances, t
             seen_after.update(pids)
 
     cfg = ScoreConfig(instances=str(instances), model=str(model_dir), output=str(tmp_path / "run"),
-                      cpus_per_worker=0.5, batch_tokens=2048)
-    run = run_score(cfg, on_part_written=kill_the_actor_once)
+                      **SCORE_SETTINGS)
+    run_score(cfg, on_part_written=kill_the_actor_once)
     assert killed and seen_after and killed[0] not in seen_after  # a new process took over
-    assert run["rows"] == clean["rows"]
-    assert read_table(tmp_path / "run").equals(read_table(tmp_path / "clean"))
+    assert_scores_equal_model_loss(read_table(tmp_path / "run"), instances, model_dir)
 
 
 KILLER_CODE = """
@@ -353,9 +347,7 @@ def test_part_that_kills_its_worker_every_time_fails_naming_it_and_resumes_once_
 
     def config(output, **kw):
         return ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output),
-                           cpus_per_worker=0.5, batch_tokens=2048, trust_remote_code=True, **kw)
-
-    clean = run_score(config(tmp_path / "clean"))  # the switch is off: nothing dies
+                           **SCORE_SETTINGS, trust_remote_code=True, **kw)
 
     switch.touch()
     with pytest.raises(PartKillsWorker, match=rf"^part {bad} \(instances file {instances / bad}\): .* died 2 times") as failure:
@@ -369,8 +361,8 @@ def test_part_that_kills_its_worker_every_time_fails_naming_it_and_resumes_once_
     resumed = run_score(config(tmp_path / "run", max_tries=2), on_part_written=rescored.append)
     assert bad in rescored and set(rescored) == set(parts) - set(kept)
     assert all((tmp_path / "run" / n).stat().st_mtime_ns == t for n, t in kept.items())
-    assert read_table(tmp_path / "run").equals(read_table(tmp_path / "clean"))
-    assert resumed["rows"] == clean["rows"]
+    assert resumed["rows"] == io.read_json(str(instances / io.MANIFEST))["instances"]
+    assert_scores_equal_model_loss(read_table(tmp_path / "run"), instances, model_dir, trust_remote_code=True)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
