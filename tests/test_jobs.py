@@ -21,6 +21,8 @@ from miniplm import io
 from miniplm.prepare import PrepareConfig, run_prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# the `ray` command of this Python's environment (found even when its bin/ is not on PATH)
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
 
 
 @pytest.fixture()
@@ -38,7 +40,7 @@ def ray_head():
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
+        [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", *ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
@@ -70,14 +72,14 @@ def test_score_job_through_ray_job_submit(ray_head, documents, llama_dir, tmp_pa
     url, env = ray_head
     # the head enforces token auth: a client that does not send the token is turned away
     anonymous = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    refused = subprocess.run(["ray", "job", "list", "--address", url], env=anonymous,
+    refused = subprocess.run([RAY, "job", "list", "--address", url], env=anonymous,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "authentication token" in (refused.stdout + refused.stderr).lower()
     write_jsonl(tmp_path / "raw" / "docs.jsonl", [{"text": d} for d in documents[:12]])
     manifest = run_prepare(PrepareConfig(inputs=[str(tmp_path / "raw")],
                                          output=str(tmp_path / "instances"), rows_per_part=5))
     out = tmp_path / "scores"
-    command = ["ray", "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+    command = [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
                sys.executable, "jobs/score.py", "--instances", str(tmp_path / "instances"),
                "--model", str(llama_dir), "--output", str(out), "--cpus-per-worker", "0.5"]
     for _ in range(30):  # the dashboard answers a few seconds before its job agent does
