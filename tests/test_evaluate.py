@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import write_jsonl
+from conftest import SCORE_SETTINGS, write_jsonl
 from test_score import reference_logprob
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,19 +42,17 @@ def test_eval_loss_equals_model_loss_and_bits_per_byte(heldout, llama_dir, tmp_p
     assert result["provenance"]["model"] == str(llama_dir)
 
 
-def test_eval_loss_matches_score_stage(heldout, llama_dir, tmp_path):
-    """The same numbers as a plain score run: eval is the score stage, not a second implementation."""
+def test_eval_loss_matches_score_stage(instances, llama_dir, llama_scores, tmp_path):
+    """The same numbers as a plain score run (the session's table of the same instances, model
+    and settings): eval is the score stage, not a second implementation."""
     import pyarrow.parquet as pq
 
     from miniplm import io
-    from miniplm.score import ScoreConfig, run_score
 
-    result = run_eval(EvalConfig(model=str(llama_dir), data=str(heldout / "inst"),
-                                 output=str(tmp_path / "e.json"), cpus_per_worker=0.5))
-    scores = run_score(ScoreConfig(instances=str(heldout / "inst"), model=str(llama_dir),
-                                   output=str(tmp_path / "s"), cpus_per_worker=0.5))
-    logprob = sum(pq.read_table(tmp_path / "s" / p["name"])["logprob"].to_numpy().sum()
-                  for p in scores["parts"])
+    scores, folder = llama_scores
+    result = run_eval(EvalConfig(model=str(llama_dir), data=str(instances), output=str(tmp_path / "e.json"),
+                                 **SCORE_SETTINGS))
+    logprob = sum(pq.read_table(folder / p["name"])["logprob"].to_numpy().sum() for p in scores["parts"])
     assert result["loss_per_token"] == pytest.approx(-logprob / scores["tokens"], rel=1e-12)
     assert io.read_json(str(tmp_path / "e.json"))["tokens"] == scores["tokens"]
 
