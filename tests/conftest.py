@@ -294,12 +294,17 @@ def instances(documents, tmp_path_factory, ray_session) -> pathlib.Path:
     return out
 
 
+def score(instances, model_dir, output, **kw) -> dict:
+    """`run_score` of `instances` by `model_dir` into `output`, as the tests score; its manifest."""
+    from miniplm.score import ScoreConfig, run_score
+
+    return run_score(ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output),
+                                 **SCORE_SETTINGS, **kw))
+
+
 @pytest.fixture(scope="session")
 def llama_scores(instances, llama_dir, tmp_path_factory):
     """The tiny Llama's score table of `instances`: (manifest, folder). Shared by the tests
     that only read it or compare with it: a run is ~15 s of Ray and model start-up on 2 CPUs."""
-    from miniplm.score import ScoreConfig, run_score
-
     out = tmp_path_factory.mktemp("llama_scores")
-    return run_score(ScoreConfig(instances=str(instances), model=str(llama_dir), output=str(out),
-                                 **SCORE_SETTINGS)), out
+    return score(instances, llama_dir, out), out

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SCORE_SETTINGS, ray_worker_pids, save_tiny_model, write_jsonl
+from conftest import SCORE_SETTINGS, ray_worker_pids, save_tiny_model, score, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from miniplm import io
@@ -45,11 +45,6 @@ def reference_logprob(model, tok, text: str, max_length: int, stride: int) -> tu
         scored_until, end = end, min(end + stride, len(seq))
 
 
-def score(instances, model_dir, output, **kw):
-    cfg = ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output), **SCORE_SETTINGS, **kw)
-    return run_score(cfg)
-
-
 # One score table per model, shared by the tests that only read it (or copy it): a run is
 # ~15 s of Ray and model start-up on 2 CPUs. Each fixture gives (manifest, folder); the
 # Llama's (`llama_scores`) is the session's.
@@ -61,28 +56,16 @@ def gpt2_scores(instances, gpt2_eos_only_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_scores_equal_model_loss(model, instances, request):
+    from transformers import AutoConfig
+
     model_dir = request.getfixturevalue({"llama": "llama_dir", "gpt2": "gpt2_eos_only_dir"}[model])
     manifest, scores = request.getfixturevalue(f"{model}_scores")
     table = read_table(scores)
-    inst = pa.concat_tables(pq.read_table(instances / p["name"])
-                            for p in io.read_json(str(instances / io.MANIFEST))["parts"])
-    # every instance exactly once, nothing else
-    assert table.num_rows == inst.num_rows == manifest["rows"]
-    assert sorted(table["id"].to_pylist()) == sorted(inst["id"].to_pylist())
+    # every instance exactly once, nothing else, each its model's own loss
+    assert table.num_rows == io.read_json(str(instances / io.MANIFEST))["instances"] == manifest["rows"]
     assert table.schema.field("logprob").type == pa.float64()
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    L = manifest["provenance"]["max_length"]
-    assert L == model.config.max_position_embeddings
-    texts = dict(zip(inst["id"].to_pylist(), inst["text"].to_pylist()))
-    got = {r["id"]: r for r in table.to_pylist()}
-    long_texts = 0
-    for id_ in sorted(texts)[:40]:
-        expected, n = reference_logprob(model, tok, texts[id_], L, L // 2)
-        long_texts += n + 1 > L
-        assert got[id_]["n_tokens"] == n
-        assert got[id_]["logprob"] == pytest.approx(expected, rel=1e-5)
+    assert manifest["provenance"]["max_length"] == AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    long_texts = assert_scores_equal_model_loss(table, instances, model_dir)
     assert long_texts >= 5  # the sliding window was exercised
     assert manifest["tokens"] == sum(table["n_tokens"].to_pylist())
 
@@ -254,8 +237,9 @@ def test_bad_arguments_fail_before_work(instances, tmp_path):
         run_score(ScoreConfig(instances=str(tmp_path), model=str(tmp_path), output=str(tmp_path / "o")))
 
 
-def assert_scores_equal_model_loss(table: pa.Table, instances, model_dir, **load) -> None:
-    """Every instance once, each log-probability its model's own loss (`reference_logprob`)."""
+def assert_scores_equal_model_loss(table: pa.Table, instances, model_dir, **load) -> int:
+    """Every instance once, each log-probability its model's own loss (`reference_logprob`,
+    at the model's context, stride half of it); returns how many needed more than one window."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     L = model.config.max_position_embeddings
@@ -263,9 +247,12 @@ def assert_scores_equal_model_loss(table: pa.Table, instances, model_dir, **load
                             for p in io.read_json(str(instances / io.MANIFEST))["parts"])
     texts = dict(zip(inst["id"].to_pylist(), inst["text"].to_pylist()))
     assert sorted(table["id"].to_pylist()) == sorted(texts)
+    long_texts = 0
     for row in table.to_pylist():
         expected, n = reference_logprob(model, tok, texts[row["id"]], L, L // 2)
+        long_texts += n + 1 > L
         assert row["n_tokens"] == n and row["logprob"] == pytest.approx(expected, rel=1e-5), row["id"]
+    return long_texts
 
 
 @pytest.mark.timeout(600)

@@ -14,12 +14,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import save_tiny_model, write_jsonl
+from conftest import save_tiny_model, score, write_jsonl
 
 from miniplm import io
 from miniplm.pipeline import split_instances
 from miniplm.prepare import PrepareConfig, run_prepare
-from miniplm.score import ScoreConfig, run_score
 from miniplm.select import SelectConfig, keep_count, run_select
 from miniplm.tokens import in_subset
 
@@ -40,8 +39,7 @@ def scored(documents, tokenizer_dir, llama_dir, gpt2_eos_only_dir, tmp_path_fact
                               max_chars=800, rows_per_part=30))
     reference = save_tiny_model("llama", tokenizer_dir, root / "reference", seed=1, hidden=32, layers=1)
     for name, model in [("teacher", llama_dir), ("reference", reference), ("other_tok", gpt2_eos_only_dir)]:
-        run_score(ScoreConfig(instances=str(root / "inst"), model=str(model),
-                              output=str(root / name), cpus_per_worker=0.5, batch_tokens=2048))
+        score(root / "inst", model, root / name)
     return root
 
 
@@ -250,9 +248,8 @@ def test_a_rescored_table_is_not_silently_reused(scored, llama_dir, tmp_path, ca
     re-scored with another max_length makes the old refined corpus stale."""
     teacher = tmp_path / "teacher"
 
-    def score(max_length, **kw):
-        run_score(ScoreConfig(instances=str(scored / "inst"), model=str(llama_dir), output=str(teacher),
-                              max_length=max_length, cpus_per_worker=0.5, batch_tokens=2048, **kw))
+    def rescore(max_length, **kw):
+        score(scored / "inst", llama_dir, teacher, max_length=max_length, **kw)
 
     def select_again(**kw):
         return run_select(SelectConfig(instances=str(scored / "inst"), teacher=str(teacher),
@@ -263,7 +260,7 @@ def test_a_rescored_table_is_not_silently_reused(scored, llama_dir, tmp_path, ca
     first = select_again()
     capsys.readouterr()
     assert select_again() == first and "already complete" in capsys.readouterr().out
-    score(32, overwrite=True)
+    rescore(32, overwrite=True)
     with pytest.raises(ValueError, match=r"different settings \(teacher differ\)"):
         select_again()
     assert "already complete" not in capsys.readouterr().out

@@ -24,14 +24,14 @@ BUCKET = "miniplm"
 
 @pytest.fixture(scope="module")
 def s3(s3_server, ray_session):
-    """An S3 client of the session's S3 API with a bucket; yields (s3fs filesystem, environment
+    """An S3 client of the session's S3 API with a bucket: (s3fs filesystem, environment
     of a client process that runs stages on the session's Ray, whose nodes can reach S3)."""
     import ray
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server["AWS_ENDPOINT_URL"], key="testing", secret="testing")
     fs.mkdir(BUCKET)
-    yield fs, dict(os.environ, **s3_server, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    return fs, dict(os.environ, **s3_server, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
 
 
 def read_parts(fs, root) -> list:
