@@ -12,7 +12,11 @@ It has the quality mix Difference Sampling exists for:
   license  license files shipped with those packages                  - repetitive boilerplate
   noise    their RECORD files (installed paths and hashes)            - noise
 A slice of `docs` (packages chosen by a hash of their name) is held out as the evaluation set
-and never used for training or selection. `_manifest.json` records the Python version, the
+and never used for training or selection. Every text is kept once: a copy of a text already
+taken (the same words once copyright lines, case and whitespace are set aside: most packages
+ship the same MIT or Apache license) is dropped and counted, as a pre-training pipeline
+deduplicates before it scores. Otherwise a twin of a pool document sits in D_ref, and a teacher
+that memorised it there rewards the copy for being memorised, not for being worth learning. `_manifest.json` records the Python version, the
 packages and versions the text came from, and a fingerprint of the text itself.
 """
 
@@ -24,6 +28,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sysconfig
 
 SHARE = {"docs": 0.40, "code": 0.35, "license": 0.15, "noise": 0.10}
@@ -90,17 +95,34 @@ def stdlib_modules() -> list[pathlib.Path]:
     return sorted(stdlib.glob("*.py"), key=lambda p: _rank(p.name))
 
 
-def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]], list[str], list[str]]:
-    """(training documents per source, held-out documents, `name==version` of every package used)."""
+def _copy_key(text: str) -> str:
+    """Texts with the same key are copies: the same words, apart from copyright lines (the
+    holder and year of a standard license), case and whitespace."""
+    words = re.sub(r"(?im)^.*copyright.*$", "", text)
+    return hashlib.sha256(" ".join(words.lower().split()).encode()).hexdigest()
+
+
+def gather(max_bytes: int, heldout_fraction: float
+           ) -> tuple[dict[str, list[str]], list[str], list[str], dict[str, int]]:
+    """(training documents per source, held-out documents, `name==version` of every package
+    used, copies dropped per source)."""
     budget = {s: int(max_bytes * share) for s, share in SHARE.items()}
     docs: dict[str, list[str]] = {s: [] for s in SHARE}
     heldout: list[str] = []
     used = {s: 0 for s in SHARE}
+    seen: set[str] = set()
+    copies = {s: 0 for s in SHARE}
 
     def take(source: str, text: str) -> None:
-        if text.strip() and used[source] < budget[source]:
-            docs[source].append(text)
-            used[source] += len(text.encode())
+        if not text.strip() or used[source] >= budget[source]:
+            return
+        key = _copy_key(text)
+        if key in seen:
+            copies[source] += 1
+            return
+        seen.add(key)
+        docs[source].append(text)
+        used[source] += len(text.encode())
 
     heldout_bytes, heldout_budget = 0, int(max_bytes * heldout_fraction)
     packages = []
@@ -112,6 +134,7 @@ def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]
             if _held_out(name, heldout_fraction * 2) and heldout_bytes < heldout_budget:
                 heldout.append(text)
                 heldout_bytes += len(text.encode())
+                seen.add(_copy_key(text))  # never a copy of the held-out set in training
             else:
                 take("docs", text)
         for f in sorted(dist.files or [], key=str):
@@ -121,7 +144,7 @@ def gather(max_bytes: int, heldout_fraction: float) -> tuple[dict[str, list[str]
                 take("noise", _inside_site_packages(_read(dist.locate_file(f))))
     for path in stdlib_modules():
         take("code", _read(path))
-    return docs, heldout, sorted(packages)
+    return docs, heldout, sorted(packages), copies
 
 
 def _inside_site_packages(record: str) -> str:
@@ -141,7 +164,7 @@ def _read(path) -> str:
 def write_sample_corpus(out: str, *, max_bytes: int = 1_000_000, heldout_fraction: float = 0.1) -> dict:
     """Write `out/train/<source>-<k>.jsonl`, `out/heldout/docs.jsonl` and `out/_manifest.json`
     (byte counts, Python version, packages, and the fingerprint of the text); returns the manifest."""
-    docs, heldout, packages = gather(max_bytes, heldout_fraction)
+    docs, heldout, packages, copies = gather(max_bytes, heldout_fraction)
     os.makedirs(os.path.join(out, "train"), exist_ok=True)
     os.makedirs(os.path.join(out, "heldout"), exist_ok=True)
     digest = hashlib.sha256()
@@ -153,11 +176,12 @@ def write_sample_corpus(out: str, *, max_bytes: int = 1_000_000, heldout_fractio
     _write_jsonl(os.path.join(out, "heldout", "docs.jsonl"), heldout, digest)
     sizes["heldout"] = sum(len(t.encode()) for t in heldout)
     manifest = {"fingerprint": digest.hexdigest()[:16], "python": platform.python_version(),
-                "bytes": sizes, "packages": packages}
+                "bytes": sizes, "copies_dropped": copies, "packages": packages}
     with open(os.path.join(out, "_manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     print(f"sample corpus: {sum(sizes.values()):,} bytes from the Python {manifest['python']} standard "
-          f"library and {len(packages)} base packages, fingerprint {manifest['fingerprint']}")
+          f"library and {len(packages)} base packages ({sum(copies.values())} copies of a text dropped: "
+          f"{', '.join(f'{n} {s}' for s, n in copies.items() if n)}), fingerprint {manifest['fingerprint']}")
     return manifest
 
 

@@ -113,22 +113,48 @@ def test_sample_corpus_comes_from_the_base_install_only():
     assert "miniplm" not in names  # its README changes with every release
 
 
-def test_sample_corpus_does_not_depend_on_where_the_venv_lives(tmp_path):
-    """Two fresh venvs at different paths gave two corpus fingerprints: RECORD files list the
-    console scripts (`../../../bin/ray,sha256=...`), whose shebang holds the venv's path, so
-    their hashes differ per venv. Nothing installed outside site-packages may enter the text."""
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> tuple[dict, dict[str, list[str]]]:
+    """The demo's sample corpus, written as the demo writes it: (manifest, texts per file name)."""
     import json
-    import sys
 
     from miniplm.sample_corpus import write_sample_corpus
 
-    write_sample_corpus(str(tmp_path / "sample"), max_bytes=2_000_000)
-    texts = {f: [json.loads(line)["text"] for line in f.read_text().splitlines()]
-             for f in sorted((tmp_path / "sample").rglob("*.jsonl"))}
-    noise = [t for f, file_texts in texts.items() if f.name.startswith("noise-") for t in file_texts]
+    out = tmp_path_factory.mktemp("sample")
+    manifest = write_sample_corpus(str(out), max_bytes=2_000_000)
+    return manifest, {f.name: [json.loads(line)["text"] for line in f.read_text().splitlines()]
+                      for f in sorted(out.rglob("*.jsonl"))}
+
+
+def test_sample_corpus_does_not_depend_on_where_the_venv_lives(sample):
+    """Two fresh venvs at different paths gave two corpus fingerprints: RECORD files list the
+    console scripts (`../../../bin/ray,sha256=...`), whose shebang holds the venv's path, so
+    their hashes differ per venv. Nothing installed outside site-packages may enter the text."""
+    import sys
+
+    _, texts = sample
+    noise = [t for name, file_texts in texts.items() if name.startswith("noise-") for t in file_texts]
     assert noise and all(",sha256=" in t for t in noise)  # RECORD files are still the noise
     assert not [line for t in noise for line in t.splitlines() if line.startswith("../")]
     assert not [t for file_texts in texts.values() for t in file_texts if sys.prefix in t]
+
+
+def test_sample_corpus_keeps_one_copy_of_each_text(sample):
+    """Most base packages ship the same MIT or Apache license with another copyright line. A
+    teacher trained on D_ref memorised those copies, and the difference score then kept the
+    pool's copies for being memorised: 76 of the pool's 92 license instances had a twin in
+    D_ref, and all 76 were kept. Each text is now taken once, and the copies are counted."""
+    manifest, texts = sample
+
+    def words(text: str) -> tuple[str, ...]:
+        return tuple(w for line in text.lower().splitlines() if "copyright" not in line for w in line.split())
+
+    every = [t for file_texts in texts.values() for t in file_texts]  # training and held-out
+    assert len({words(t) for t in every}) == len(every)
+    licenses = [t for name, file_texts in texts.items() if name.startswith("license-") for t in file_texts]
+    assert sum("Permission is hereby granted, free of charge" in t for t in licenses) >= 1  # MIT, once
+    assert manifest["copies_dropped"]["license"] > 0  # this install ships copies of a license
+    assert sum(len(t.encode()) for t in licenses) == manifest["bytes"]["license"] > 0
 
 
 def test_students_take_kd_and_a_step_budget(tmp_path):
