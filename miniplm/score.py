@@ -26,6 +26,7 @@ from fsspec.core import url_to_fs
 
 from miniplm import __version__, io
 from miniplm.config import describe, field, to_dict
+from miniplm.encode import text_encoder, tokenize_part
 from miniplm.io import read_instances_manifest
 from miniplm.logprob import PACKING
 from miniplm.models import (DTYPES, check_model_dir, load_model, load_tokenizer, model_fingerprint,
@@ -75,38 +76,6 @@ class ScoreConfig:
 
 
 # ---------------------------------------------------------------- Ray Data steps
-
-
-def tokenize_part(batch: dict, tokenizer_path: str, trust_remote_code: bool) -> pa.Table:
-    """CPU task: one instances part -> one row holding all its ids and token ids.
-
-    A whole part travels as one row so the actor scores it in one call, with micro-batches
-    that depend only on the part: a resumed run reproduces a clean run's floats exactly."""
-    tok = load_tokenizer(tokenizer_path, trust_remote_code)
-    rows = []
-    for part, url in zip(batch["part"], batch["url"]):
-        with fsspec.open(str(url), "rb") as f:
-            table = pq.read_table(f, columns=["id", "text"])
-        ids = tok(table["text"].to_pylist(), add_special_tokens=False)["input_ids"]
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-        rows.append({"part": str(part), "id": table["id"].combine_chunks(),
-                     "input_ids": pa.LargeListArray.from_arrays(offsets, flat),
-                     "n_tokens": pa.array(lengths)})
-    return pa.Table.from_pydict({
-        "part": [r["part"] for r in rows],
-        "id": _list_of(r["id"] for r in rows),
-        "input_ids": _list_of(r["input_ids"] for r in rows),
-        "n_tokens": _list_of(r["n_tokens"] for r in rows),
-    })
-
-
-def _list_of(arrays) -> pa.Array:
-    """A list<...> column whose i-th value is the i-th array."""
-    arrays = list(arrays)
-    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
-    return pa.LargeListArray.from_arrays(offsets, pa.concat_arrays(arrays))
 
 
 class PartKillsWorker(RuntimeError):
@@ -245,8 +214,7 @@ def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype:
 
     items = [{"part": name, "url": io.join(cfg.instances, name)} for name in parts]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(tokenize_part, fn_kwargs={"tokenizer_path": cfg.model,
-                                                  "trust_remote_code": cfg.trust_remote_code},
+    ds = ds.map_batches(tokenize_part, fn_kwargs={"encoder": text_encoder(cfg.model, cfg.trust_remote_code)},
                         batch_size=1, batch_format="pyarrow", num_cpus=0.5)
     return ds.map_batches(
         ScoreActor,

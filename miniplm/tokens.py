@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from miniplm import io
 from miniplm.config import field
+from miniplm.encode import TextEncoder, text_encoder
 from miniplm.models import load_tokenizer, tokenizer_fingerprint
 
 PACKING = 2  # the packing format's version: a change makes every older cache a miss
@@ -63,20 +64,18 @@ def document_stream(token_ids: list[list[int]], bos: int | None, eos: int) -> np
     return np.fromiter((t for doc in token_ids for t in (*head, *doc, eos)), dtype=np.int32)
 
 
-def pack_part(batch: dict, tokenizer_path: str, seq_len: int, fraction: float, seed: int,
+def pack_part(batch: dict, encoder: TextEncoder, seq_len: int, fraction: float, seed: int,
               output: str) -> dict:
     """CPU task: one instances part -> packed `seq_len` sequences in document order; the
     partial last sequence is dropped and counted. The part's stats travel in its own Parquet
     metadata, so a part and its stats become final together (a killed build loses neither)."""
-    tok = load_tokenizer(tokenizer_path)
     names = []
     for part, url in zip(batch["part"], batch["url"]):
         with fsspec.open(str(url), "rb") as f:
             table = pq.read_table(f, columns=["id", "text"])
         keep = in_subset(table["id"].to_pylist(), fraction, seed)
         texts = [t for t, k in zip(table["text"].to_pylist(), keep) if k]
-        ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        stream = document_stream(ids, tok.bos_token_id, tok.eos_token_id)
+        stream = document_stream(encoder.encode(texts), encoder.bos_token_id, encoder.eos_token_id)
         n_seq = len(stream) // seq_len
         column = pa.FixedSizeListArray.from_arrays(pa.array(stream[: n_seq * seq_len]), seq_len)
         stats = {"part": str(part), "sequences": n_seq, "documents": len(texts),
@@ -102,7 +101,7 @@ def build_token_cache(data: DataSpec, tokenizer_path: str, cache_root: str) -> t
     if todo:
         print(f"tokens: packing {len(todo)} of {len(instances['parts'])} parts -> {root}", flush=True)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-        ds = ds.map_batches(pack_part, fn_kwargs=dict(tokenizer_path=tokenizer_path, seq_len=data.seq_len,
+        ds = ds.map_batches(pack_part, fn_kwargs=dict(encoder=text_encoder(tokenizer_path), seq_len=data.seq_len,
                                                       fraction=data.fraction, seed=data.seed, output=root),
                             batch_size=1, num_cpus=0.5)
         for _ in ds.iter_rows():
