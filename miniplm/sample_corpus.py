@@ -16,8 +16,9 @@ and never used for training or selection. Every text is kept once: a copy of a t
 taken (the same words once copyright lines, case and whitespace are set aside: most packages
 ship the same MIT or Apache license) is dropped and counted, as a pre-training pipeline
 deduplicates before it scores. Otherwise a twin of a pool document sits in D_ref, and a teacher
-that memorised it there rewards the copy for being memorised, not for being worth learning. `_manifest.json` records the Python version, the
-packages and versions the text came from, and a fingerprint of the text itself.
+that memorised it there rewards the copy for being memorised, not for being worth learning.
+`_manifest.json` records the Python version, the packages and versions the text came from, the
+copies dropped, and a fingerprint of the text itself.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def test_sample_corpus_keeps_one_copy_of_each_text(sample):
     every = [t for file_texts in texts.values() for t in file_texts]  # training and held-out
     assert len({words(t) for t in every}) == len(every)
     licenses = [t for name, file_texts in texts.items() if name.startswith("license-") for t in file_texts]
-    assert sum("Permission is hereby granted, free of charge" in t for t in licenses) >= 1  # MIT, once
+    assert sum("Permission is hereby granted, free of charge" in t for t in licenses) >= 1  # still there, in its distinct wordings
     assert manifest["copies_dropped"]["license"] > 0  # this install ships copies of a license
     assert sum(len(t.encode()) for t in licenses) == manifest["bytes"]["license"] > 0
 
