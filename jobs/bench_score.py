@@ -1,6 +1,6 @@
 """Benchmark the score stage against the bare model forward, side by side in one run.
 
-    python jobs/bench_score.py [--model PATH] [--docs 3000] [--device cpu|cuda]
+    python jobs/bench_score.py [--model PATH | --preset NAME] [--docs 3000] [--device cpu|cuda]
 
 On one corpus of mixed lengths (real text from the local Python installation; the default
 ~2.07M tokens, so start-up costs amortise as in a real pass), prints real (unpadded) tokens/s,
@@ -19,7 +19,8 @@ On cuda each row also shows MFU: model FLOPs (2 x non-embedding parameters per t
 attention 2 x layers x hidden x window^2, LM head 2 x vocab x hidden per scored token) per
 second over the device's dense bf16 peak (a table of known devices; elsewhere a measured
 matmul rate, labelled so).
-Without --model it builds a ~10M-parameter Llama and a BPE tokenizer trained on the corpus.
+Without --model it builds a ~10M-parameter Llama (or --preset's shape) and a BPE tokenizer
+trained on the corpus.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def mixed_length_corpus(n_docs: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def build_model(docs: list[str], out: pathlib.Path) -> pathlib.Path:
+def build_model(docs: list[str], out: pathlib.Path, preset: str | None = None) -> pathlib.Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -63,7 +64,8 @@ def build_model(docs: list[str], out: pathlib.Path) -> pathlib.Path:
         vocab_size=8192, special_tokens=["<pad>", "</s>", "<s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
-    AutoModelForCausalLM.from_config(bench_config(len(fast))).save_pretrained(out)
+    config = bench_config(len(fast)) if preset is None else preset_config(preset, fast)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
     fast.save_pretrained(out)
     return out
 
@@ -74,6 +76,14 @@ def bench_config(vocab_size: int):
     return LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                        tie_word_embeddings=True)
+
+
+def preset_config(preset: str, tokenizer):
+    """A model shape `train` builds (e.g. qwen-500m), randomly initialised: throughput does not
+    depend on the weights."""
+    from miniplm.models import ModelSpec, model_config
+
+    return model_config(ModelSpec(preset=preset), tokenizer, seq_len=1024)
 
 
 def with_vocabulary(model: str, vocab_size: int, out: pathlib.Path) -> pathlib.Path:
@@ -303,6 +313,8 @@ def _child(job: tuple, args, docs, workdir, queue):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="HF causal LM folder (default: build a ~10M Llama)")
+    parser.add_argument("--preset", help="without --model: build this miniplm preset (e.g. qwen-500m) "
+                        "instead of the ~10M Llama")
     parser.add_argument("--docs", type=int, default=3000, help="documents (3000: ~2.07M tokens)")
     parser.add_argument("--naive-docs", type=int, default=400, help="documents for the naive row")
     parser.add_argument("--packed-docs", type=int,
@@ -323,7 +335,7 @@ def main() -> None:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_score_"))
     docs = mixed_length_corpus(args.docs)
     built = args.model is None
-    args.model = args.model or str(build_model(docs, workdir / "model"))
+    args.model = args.model or str(build_model(docs, workdir / "model", args.preset))
     (workdir / "raw").mkdir()
     (workdir / "raw" / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     ray.init(address="local", include_dashboard=False, logging_level="ERROR")

@@ -52,7 +52,8 @@ def s3_server(tmp_path_factory):
         yield {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint,
                "MINIPLM_CACHE": str(tmp_path_factory.mktemp("download_cache"))}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:  # (one that failed to start has exited: nothing to stop)
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
