@@ -114,26 +114,21 @@ class ScoreActor:
                  instances: str, output: str, max_tries: int):
         from concurrent.futures import ThreadPoolExecutor
 
+        def load_scorer():
+            import torch
+
+            from miniplm.logprob import SequenceScorer, prefix_token_id
+
+            if device == "cpu":
+                torch.set_num_threads(num_threads)
+            model = load_model(model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            prefix = prefix_token_id(load_tokenizer(model_path, trust_remote_code))
+            return SequenceScorer(model, max_length=max_length, stride=stride,
+                                  batch_tokens=batch_tokens, prefix_id=prefix, packing=packing)
+
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
-        self.scorer = self.torch_thread.submit(
-            self._load_scorer, model_path, device=device, dtype=dtype, max_length=max_length,
-            stride=stride, batch_tokens=batch_tokens, packing=packing,
-            trust_remote_code=trust_remote_code, num_threads=num_threads).result()
+        self.scorer = self.torch_thread.submit(load_scorer).result()
         self.instances, self.output, self.max_tries = instances, output, max_tries
-
-    @staticmethod
-    def _load_scorer(model_path: str, *, device: str, dtype: str, max_length: int, stride: int,
-                     batch_tokens: int, packing: str, trust_remote_code: bool, num_threads: int):
-        import torch
-
-        from miniplm.logprob import SequenceScorer, prefix_token_id
-
-        if device == "cpu":
-            torch.set_num_threads(num_threads)
-        model = load_model(model_path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        prefix = prefix_token_id(load_tokenizer(model_path, trust_remote_code))
-        return SequenceScorer(model, max_length=max_length, stride=stride,
-                              batch_tokens=batch_tokens, prefix_id=prefix, packing=packing)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.concat_tables(self.score_part(batch.slice(i, 1)) for i in range(batch.num_rows))
