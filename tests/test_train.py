@@ -95,15 +95,17 @@ def test_loss_drops_and_final_checkpoint_scores(corpus, clean_run, tmp_path):
                               output=str(tmp_path / "scores"), cpus_per_worker=0.5))
 
 
-@pytest.mark.timeout(600)
-def test_two_ddp_workers_stay_in_sync(corpus, tokenizer_dir, tmp_path):
-    out = tmp_path / "ddp"
-    run_train(config(corpus, tokenizer_dir, out, "steps=3", "num_workers=2", "cpus_per_worker=0.5",
-                     "micro_batch=4", "checkpoint_every=3"))
-    row = read_metrics(out)[-1]
-    sums = row["replica_param_sums"]
-    assert len(sums) == 2 and sums[0] == sums[1]
-    assert row["tokens"] == 3 * 512
+def test_two_ddp_workers_stay_in_sync(second_run):
+    """`second_run` trains on two DDP workers: at every checkpoint both replicas hold the very
+    same weights, and every step counts both workers' tokens."""
+    out, _ = second_run
+    rows = read_metrics(out)
+    synced = [r for r in rows if "replica_param_sums" in r]
+    assert [r["step"] for r in synced] == [2, 4]  # every checkpoint (checkpoint_every=2)
+    for row in synced:
+        sums = row["replica_param_sums"]
+        assert len(sums) == 2 and sums[0] == sums[1], row["step"]
+    assert rows[-1]["tokens"] == 4 * 512
 
 
 def registered_checkpoints(out) -> str:
@@ -308,15 +310,16 @@ def test_sampler_passes_differ_ranks_split_and_resume_reads_only_its_window(tmp_
 
 @pytest.fixture(scope="module")
 def second_run(corpus, tokenizer_dir, clean_run, tmp_path_factory):
-    """Another run on the clean run's corpus with other settings (steps, seed, schedule), into a
-    copy of the finished clean run with overwrite=true, reading the clean run's token cache:
-    (its output, the token cache's files and mtimes before it ran)."""
+    """Another run on the clean run's corpus with other settings (steps, seed, schedule, two DDP
+    workers), into a copy of the finished clean run with overwrite=true, reading the clean run's
+    token cache: (its output, the token cache's files and mtimes before it ran)."""
     out = tmp_path_factory.mktemp("second")
     shutil.copytree(clean_run, out, ignore=shutil.ignore_patterns("tokens"), dirs_exist_ok=True)
     cache = clean_run / "tokens"
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}
     run_train(config(corpus, tokenizer_dir, out, "steps=4", "checkpoint_every=2", "overwrite=true",
-                     "optim.warmup_steps=1", "seed=7", f"eval.data={corpus}", f"token_cache={cache}"))
+                     "optim.warmup_steps=1", "seed=7", f"eval.data={corpus}", f"token_cache={cache}",
+                     "num_workers=2", "cpus_per_worker=0.5", "micro_batch=4"))
     return out, before
 
 
@@ -327,9 +330,14 @@ def test_changed_settings_never_resume_an_old_checkpoint(corpus, tokenizer_dir, 
         with pytest.raises(ValueError, match=rf"holds a run made with other settings \(differs in: .*{key}"):
             run_train(config(corpus, tokenizer_dir, clean_run, *run_settings(corpus), change))
     assert (clean_run / "final" / "model.safetensors").read_bytes() == final  # untouched
-    # settings that do not shape the run may change: the finished run is found complete
-    summary = run_train(config(corpus, tokenizer_dir, clean_run, *run_settings(corpus), "log_every=5"))
+    # settings that do not shape the run may change: the finished run is found complete, and
+    # nothing is redone (no Ray Train job restores its last checkpoint only to save it again)
+    files = [clean_run / "final" / "model.safetensors", clean_run / "metrics.jsonl", clean_run / "_done.json"]
+    before = [f.stat().st_mtime_ns for f in files]
+    summary = run_train(config(corpus, tokenizer_dir, clean_run, *run_settings(corpus), "log_every=5",
+                               "eval.every=40", "keep_checkpoints=5"))
     assert summary["steps"] == STEPS and (clean_run / "final" / "model.safetensors").read_bytes() == final
+    assert [f.stat().st_mtime_ns for f in files] == before
 
     # overwrite=true in a finished run's folder: a fresh run to the new schedule's own end
     out, _ = second_run
