@@ -231,9 +231,10 @@ def run_train(cfg: TrainConfig) -> dict:
     settings = run_settings(cfg, hf_config, tokenizer, io.read_instances_manifest(cfg.data.path)["fingerprint"])
     previous = previous_settings(cfg.output)
     done_path = io.join(cfg.output, DONE)
-    if previous == settings and io.exists(done_path) and not cfg.overwrite:
-        # settings outside `run_settings` (logging, eval, checkpointing, memory options) cannot
-        # change a finished run: restoring its last checkpoint would only save it again
+    if previous == settings and io.exists(done_path):
+        # settings outside `run_settings` (logging, eval, checkpointing, memory options,
+        # overwrite) cannot change a finished run: restoring its last checkpoint would only
+        # save it again
         print(f"train: {cfg.output} is already complete; nothing to do")
         return io.read_json(done_path)
     claim_run(cfg, settings, previous)
