@@ -177,9 +177,14 @@ def config(corpus, tokenizer_dir, output, *overrides) -> TrainConfig:
 
 @pytest.mark.timeout(600)
 def test_kd_weight_zero_trains_exactly_as_plain_training(corpus, tokenizer_dir, teacher_dir, tmp_path):
+    """Both runs use the memory options (recomputed activations, the loss in blocks of 100
+    positions), which change no maths; the KD loss's identity at weight 0.5 is checked on the
+    demo's KD student (test_pipeline.py)."""
     plain, kd = tmp_path / "plain", tmp_path / "kd"
-    run_train(config(corpus, tokenizer_dir, plain))
-    run_train(config(corpus, tokenizer_dir, kd, f"kd.teacher={teacher_dir}", "kd.weight=0"))
+    memory = ["activation_checkpointing=true", "loss_chunk_tokens=100"]
+    run_train(config(corpus, tokenizer_dir, plain, *memory))
+    run_train(config(corpus, tokenizer_dir, kd, *memory, f"kd.teacher={teacher_dir}", "kd.weight=0",
+                     "kd.temperature=2"))
     plain_rows, kd_rows = read_metrics(plain), read_metrics(kd)
     assert [r["loss"] for r in kd_rows] == [r["loss"] for r in plain_rows]
     assert [r["grad_norm"] for r in kd_rows] == [r["grad_norm"] for r in plain_rows]
@@ -205,15 +210,6 @@ def test_kd_weight_zero_trains_exactly_as_plain_training(corpus, tokenizer_dir, 
     assert set(saved["model"]) == set(student_state)
     assert all(saved["model"][k].shape == v.shape for k, v in student_state.items())
     assert len(saved["optimizer"]["state"]) == len(list(final.parameters()))
-
-
-@pytest.mark.timeout(300)
-def test_kd_trains_and_logs_both_losses(corpus, tokenizer_dir, teacher_dir, tmp_path):
-    out = tmp_path / "kd_half"
-    run_train(config(corpus, tokenizer_dir, out, f"kd.teacher={teacher_dir}", "kd.temperature=2",
-                     "activation_checkpointing=true", "loss_chunk_tokens=100"))
-    for r in read_metrics(out):
-        assert r["loss"] == pytest.approx(0.5 * r["lm_loss"] + 0.5 * r["kd_loss"], abs=2e-6)
 
 
 def test_teacher_with_another_tokenizer_is_refused_before_ray_starts(corpus, tokenizer_dir, gpt2_eos_only_dir,

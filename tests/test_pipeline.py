@@ -9,6 +9,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import read_metrics
 
 from miniplm import io
 from miniplm.pipeline import DEMO_CONFIG, demo_config, load_pipeline, run_pipeline
@@ -76,6 +77,10 @@ def test_an_added_kd_student_trains_alone_and_distils_from_the_teacher(demo_run,
 
     train = io.read_json(str(out / "students" / "vanilla-kd" / "config.json"))["train"]
     assert train["kd"] == {"teacher": str(out / "teacher" / "final"), "weight": 0.5, "temperature": 1.0}
+    rows = read_metrics(out / "students" / "vanilla-kd")
+    for r in rows:  # the loss it trained on mixes both, and both are logged
+        assert r["loss"] == pytest.approx(0.5 * r["lm_loss"] + 0.5 * r["kd_loss"], abs=2e-6), r["step"]
+        assert r["kd_loss"] > 0
     summary = io.read_json(str(out / "report" / "report.json"))
     kd, vanilla = summary["runs"]["vanilla-kd"], summary["runs"]["vanilla"]
     assert kd["teacher_flops"] > 0 and vanilla["teacher_flops"] == 0
