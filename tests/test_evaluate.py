@@ -23,10 +23,54 @@ def heldout(documents, tmp_path_factory, ray_session):
     return root
 
 
-def test_eval_loss_equals_model_loss_and_bits_per_byte(heldout, llama_dir, tmp_path):
-    result = run_eval(EvalConfig(model=str(llama_dir), data=str(heldout / "inst"),
-                                 output=str(tmp_path / "eval.json"), cpus_per_worker=0.5))
-    assert json.loads((tmp_path / "eval.json").read_text())["loss_per_token"] == result["loss_per_token"]
+HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+
+TINY_MC = [{"question": "The capital of France is", "choices": [" Paris", " banana"], "answer": 0},
+           {"question": "Two plus two equals", "choices": [" four", " purple"], "answer": 0},
+           {"question": "Water is", "choices": [" dry", " wet"], "answer": 1},
+           {"question": "The sun rises in the", "choices": [" east", " sandwich"], "answer": 0}]
+
+
+def write_local_task(folder) -> str:
+    """A multiple-choice lm-eval task read from a local JSONL file: no download."""
+    write_jsonl(folder / "items.jsonl", TINY_MC)
+    (folder / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / 'items.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    return str(folder / "tiny_mc.yaml")
+
+
+@pytest.fixture(scope="module")
+def evaluated(heldout, llama_dir, tmp_path_factory):
+    """One `eval` of the tiny Llama on the held-out set, with a local lm-eval task where the
+    `eval` extra is installed (offline: the task's data is a local file): (result, output)."""
+    out = tmp_path_factory.mktemp("eval")
+    tasks = [write_local_task(out)] if HAS_LM_EVAL else []
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    try:
+        result = run_eval(EvalConfig(model=str(llama_dir), data=str(heldout / "inst"), output=str(out / "eval.json"),
+                                     cpus_per_worker=0.5, device="cpu", tasks=tasks))
+    finally:
+        mp.undo()
+    return result, out / "eval.json"
+
+
+@pytest.mark.timeout(600)
+def test_eval_loss_equals_model_loss_and_bits_per_byte(evaluated, heldout, llama_dir):
+    result, output = evaluated
+    assert json.loads(output.read_text())["loss_per_token"] == result["loss_per_token"]
     # independent: the model's own loss (HF labels=), windowed as in the perplexity guide
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     tok = AutoTokenizer.from_pretrained(llama_dir)
@@ -57,31 +101,7 @@ def test_eval_loss_matches_score_stage(instances, llama_dir, llama_scores, tmp_p
     assert io.read_json(str(tmp_path / "e.json"))["tokens"] == scores["tokens"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
-                    reason="lm-eval not installed (pip install 'miniplm[eval]')")
-@pytest.mark.timeout(600)
-def test_lm_eval_runs_offline_on_local_task(heldout, llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    items = [{"question": "The capital of France is", "choices": [" Paris", " banana"], "answer": 0},
-             {"question": "Two plus two equals", "choices": [" four", " purple"], "answer": 0},
-             {"question": "Water is", "choices": [" dry", " wet"], "answer": 1},
-             {"question": "The sun rises in the", "choices": [" east", " sandwich"], "answer": 0}]
-    write_jsonl(tmp_path / "items.jsonl", items)
-    (tmp_path / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'items.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""")
-    result = run_eval(EvalConfig(model=str(llama_dir), data=str(heldout / "inst"),
-                                 output=str(tmp_path / "eval.json"), cpus_per_worker=0.5, device="cpu",
-                                 tasks=[str(tmp_path / "tiny_mc.yaml")]))
+@pytest.mark.skipif(not HAS_LM_EVAL, reason="lm-eval not installed (pip install 'miniplm[eval]')")
+def test_lm_eval_runs_offline_on_local_task(evaluated):
+    result, _ = evaluated
     assert 0.0 <= result["tasks"]["tiny_mc"]["acc"] <= 1.0
