@@ -49,9 +49,13 @@ def reference_logprob(model, tok, text: str, max_length: int, stride: int) -> tu
 # ~15 s of Ray and model start-up on 2 CPUs. Each fixture gives (manifest, folder); the
 # Llama's (`llama_scores`) is the session's.
 @pytest.fixture(scope="module")
-def gpt2_scores(instances, gpt2_eos_only_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpt2_scores")
-    return score(instances, gpt2_eos_only_dir, out), out
+def gpt2_scores(instances, gpt2_eos_only_dir, llama_scores, tmp_path_factory):
+    """Scored with overwrite=true into a copy of the Llama's finished table, as a user re-scores
+    an output with another model: test_scores_equal_model_loss checks that every row is then
+    the GPT-2's own, test_refuses_output_of_another_model that nothing of the Llama's is left."""
+    out = tmp_path_factory.mktemp("gpt2_scores") / "s"
+    shutil.copytree(llama_scores[1], out)
+    return score(instances, gpt2_eos_only_dir, out, overwrite=True), out
 
 
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
@@ -119,9 +123,13 @@ def test_refuses_output_of_another_model(instances, gpt2_eos_only_dir, llama_sco
     with pytest.raises(ValueError, match="model_fingerprint.*differ.*--overwrite"):
         score(instances, gpt2_eos_only_dir, tmp_path / "s")
     assert read_table(tmp_path / "s").equals(before)  # refused before any work
-    manifest = score(instances, gpt2_eos_only_dir, tmp_path / "s", overwrite=True)
+    # with --overwrite (`gpt2_scores`, made in such a copy): the GPT-2's table, part for part
+    manifest, folder = gpt2_scores
     assert manifest["provenance"]["model"] == str(gpt2_eos_only_dir)
-    assert read_table(tmp_path / "s").equals(read_table(gpt2_scores[1]))
+    assert sorted(p.name for p in folder.glob("part-*.parquet")) == sorted(p["name"] for p in manifest["parts"])
+    for part in manifest["parts"]:
+        assert io.read_parquet_metadata(str(folder / part["name"])) == manifest["provenance"], part["name"]
+    assert not read_table(folder).equals(before)
 
 
 def load_scorer_inputs(model_dir, documents, n=40):
