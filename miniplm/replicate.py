@@ -33,7 +33,9 @@ class SeedResult:
 
 
 def students_for(seeds: list[int], preset: str, tokens: int, prefix: str = "seeds") -> list[StudentSpec]:
-    return [StudentSpec(name=f"{prefix}-{arm}-{preset}-s{seed}", corpus=corpus, preset=preset,
+    """A vanilla / MiniPLM pair per seed, named by preset, budget and seed: a study at another
+    budget in the same run folder trains students of its own."""
+    return [StudentSpec(name=f"{prefix}-{arm}-{preset}-{tokens}-s{seed}", corpus=corpus, preset=preset,
                         tokens=tokens, seed=seed)
             for seed in seeds for arm, corpus in (("vanilla", "random"), ("miniplm", "refined"))]
 
@@ -41,7 +43,7 @@ def students_for(seeds: list[int], preset: str, tokens: int, prefix: str = "seed
 def replicate(cfg: PipelineConfig, seeds: list[int], preset: str, tokens: int) -> list[SeedResult]:
     """Train the student pairs (reusing whatever is already trained) and collect the results."""
     students = students_for(seeds, preset, tokens)
-    run_pipeline(dataclasses.replace(cfg, students=students, report=f"report-seeds-{preset}"))
+    run_pipeline(dataclasses.replace(cfg, students=students, report=f"report-seeds-{preset}-{tokens}"))
     results = []
     for seed, (vanilla, miniplm) in zip(seeds, zip(students[::2], students[1::2])):
         runs = [load_run(os.path.join(cfg.output, "students", st.name)) for st in (vanilla, miniplm)]
@@ -53,9 +55,9 @@ def replicate(cfg: PipelineConfig, seeds: list[int], preset: str, tokens: int) -
 
 def seeds_table(results: list[SeedResult]) -> str:
     """Per seed, then mean ± standard deviation (and, for the saving, the smallest)."""
-    def spread(values: list[float]) -> str:
+    def spread(values: list[float], sign: str = "") -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):.4f} ± {sd:.4f}"
+        return f"{statistics.fmean(values):{sign}.4f} ± {sd:.4f}"
 
     def saving(x: float | None) -> str:
         return f"{x:.2f}x" if x is not None else "not reached"
@@ -66,7 +68,7 @@ def seeds_table(results: list[SeedResult]) -> str:
     savings = [r.saving for r in results]
     worst = "not reached" if None in savings else f"min {min(savings):.2f}x"
     lines.append(f"| mean ± sd | {spread([r.vanilla for r in results])} | {spread([r.miniplm for r in results])} "
-                 f"| {spread([r.gain for r in results])} | {worst} |")
+                 f"| {spread([r.gain for r in results], '+')} | {worst} |")
     return "\n".join(lines)
 
 
