@@ -56,14 +56,11 @@ def evaluated(heldout, llama_dir, tmp_path_factory):
     `eval` extra is installed (offline: the task's data is a local file): (result, output)."""
     out = tmp_path_factory.mktemp("eval")
     tasks = [write_local_task(out)] if HAS_LM_EVAL else []
-    mp = pytest.MonkeyPatch()
-    mp.setenv("HF_DATASETS_OFFLINE", "1")
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the function-scoped fixture is not available
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
         result = run_eval(EvalConfig(model=str(llama_dir), data=str(heldout / "inst"), output=str(out / "eval.json"),
                                      cpus_per_worker=0.5, device="cpu", tasks=tasks))
-    finally:
-        mp.undo()
     return result, out / "eval.json"
 
 

@@ -382,6 +382,7 @@ def test_a_run_killed_three_times_resumes_to_the_same_cache_and_curve(corpus, to
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
     assert "error" not in outcome, outcome.get("error")
+    assert (out / "final" / "config.json").exists()
     assert pid not in ray_worker_pids("RayTrainWorker")  # a new worker process took over
 
     (clean_root,) = (clean_run / "tokens").iterdir()
