@@ -188,13 +188,15 @@ def _mtime(path: str) -> float | None:
 
 
 def split_part(src: str, name: str, fraction: float, seed: int, inside: str, outside: str) -> dict:
-    """Ray task: one instances part split by a seeded hash of the id; each non-empty half is
+    """Ray task: one instances part split by a seeded hash of each text; each non-empty half is
     written under the part's name. Returns per half its part entry and fingerprint state."""
     from miniplm.tokens import in_subset
 
     with fsspec.open(io.join(src, name), "rb") as f:
         table = pq.read_table(f)
-    mask = in_subset(table["id"].to_pylist(), fraction, seed)
+    # keyed on the text, not the id (file:row): a text sits on one side wherever it appears, so
+    # a model trained on one corpus's D_ref never saw the pool of another (other package versions)
+    mask = in_subset(table["text"].to_pylist(), fraction, seed)
     halves = {}
     for root, keep in ((inside, mask), (outside, ~mask)):
         sub = table.filter(pa.array(keep))
@@ -210,13 +212,15 @@ def split_part(src: str, name: str, fraction: float, seed: int, inside: str, out
 
 
 def split_instances(src: str, fraction: float, seed: int, inside: str, outside: str) -> None:
-    """Split an instances dataset by a seeded hash of the id: `inside` gets ~fraction. One Ray
-    task per part; the driver only adds up part entries and fingerprints."""
+    """Split an instances dataset by a seeded hash of each text: `inside` gets ~fraction, copies
+    of a text land together. One Ray task per part; the driver only adds up part entries and
+    fingerprints."""
     from miniplm.io import read_instances_manifest
     from miniplm.runtime import init_ray, map_parts
 
     manifest = read_instances_manifest(src)
-    job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed}
+    job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed,
+           "key": "text"}
     finished = [io.claim_output(root, job, overwrite=False, what="a split") for root in (inside, outside)]
     if all(finished):
         print("split: already complete; nothing to do")

@@ -49,12 +49,13 @@ def cache_key(cfg_data: DataSpec, instances_fp: str, tokenizer_fp: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def in_subset(ids: list[str], fraction: float, seed: int) -> np.ndarray:
-    """A seeded, order-independent subset: keep an id when its hash falls below `fraction`."""
+def in_subset(keys: list[str], fraction: float, seed: int) -> np.ndarray:
+    """A seeded, order-independent subset: keep a key (an id, a text) when its hash falls below
+    `fraction`."""
     if fraction >= 1:
-        return np.ones(len(ids), dtype=bool)
-    h = [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little")
-         for i in ids]
+        return np.ones(len(keys), dtype=bool)
+    h = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                        "little") for k in keys]
     return np.array(h, dtype=np.float64) / 2.0**64 < fraction
 
 

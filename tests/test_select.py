@@ -20,7 +20,6 @@ from miniplm import io
 from miniplm.pipeline import split_instances
 from miniplm.prepare import PrepareConfig, run_prepare
 from miniplm.select import SelectConfig, keep_count, run_select
-from miniplm.tokens import in_subset
 
 
 def table_df(root) -> pd.DataFrame:
@@ -159,7 +158,7 @@ def test_split_runs_in_per_part_tasks(scored, tmp_path, monkeypatch, capsys):
     assert reads == []
     monkeypatch.undo()
     inst = table_df(scored / "inst")
-    mask = in_subset(inst.id.tolist(), 0.3, 7)
+    mask = np.array([text_draw(7, t) < 0.3 for t in inst.text])
     for root, half in ((inside, inst[mask]), (outside, inst[~mask])):
         manifest = io.read_json(str(root / io.MANIFEST))
         got = table_df(root)
@@ -172,6 +171,32 @@ def test_split_runs_in_per_part_tasks(scored, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     split_instances(str(scored / "inst"), 0.3, 7, str(inside), str(outside))
     assert "already complete" in capsys.readouterr().out
+
+
+def text_draw(seed: int, text: str) -> float:
+    digest = hashlib.blake2b(f"{seed}:{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def test_a_text_lands_on_the_same_side_of_the_split_wherever_it_sits(documents, tmp_path, ray_session):
+    """The split is a function of the text, not of its file or row: the same text in another
+    corpus (another package version, another order) or twice in one corpus stays on one side.
+    Else a teacher trained on one machine's D_ref may have seen another machine's pool."""
+    texts = documents[:30]
+    write_jsonl(tmp_path / "a" / "docs.jsonl", [{"text": t} for t in texts])
+    write_jsonl(tmp_path / "b" / "other-0.jsonl", [{"text": t} for t in texts[::-1] + ["new text"] + texts[:5]])
+    sides = {}
+    for name in ("a", "b"):
+        run_prepare(PrepareConfig(inputs=[str(tmp_path / name)], output=str(tmp_path / name / "inst"),
+                                  max_chars=100_000))
+        split_instances(str(tmp_path / name / "inst"), 0.5, 1, str(tmp_path / name / "d_ref"),
+                        str(tmp_path / name / "pool"))
+        sides[name] = {side: list(table_df(tmp_path / name / side).text) for side in ("d_ref", "pool")}
+    for side in ("d_ref", "pool"):
+        assert set(sides["a"][side]) == set(sides["b"][side]) - {"new text"}
+    assert set(sides["a"]["d_ref"]) == {t for t in texts if text_draw(1, t) < 0.5}
+    assert 0 < len(sides["a"]["d_ref"]) < len(texts)
+    assert not set(sides["b"]["d_ref"]) & set(sides["b"]["pool"])
 
 
 def write_tied_tables(root, parts: int = 3, rows: int = 40) -> None:
