@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miniplm import io
+from miniplm import demo_teacher, io
 from miniplm.config import describe, field, to_dict
+from miniplm.demo_teacher import BUILTIN
 from miniplm.models import PRESETS, is_tokenizer_dir
 from miniplm.train import KDSpec
 
@@ -36,7 +37,9 @@ class CorpusSpec:
 
 @dataclasses.dataclass(kw_only=True)
 class ModelRun:
-    checkpoint: str | None = field(None, path=True, help="an existing HF checkpoint (else trained here)")
+    checkpoint: str | None = field(None, path=True, keywords=(BUILTIN,),
+                                   help="an existing HF checkpoint, `builtin` (teacher: the demo's built-in one) "
+                                        "or none (trained here)")
     preset: str = field("tiny", help="model preset when trained here")
     tokens: int = field(0, help="training budget in tokens when trained here")
     fraction: float = field(1.0, help="reference: fraction of the corpus held out as D_ref")
@@ -87,7 +90,8 @@ class TrainDefaults:
 class PipelineConfig:
     output: str = field(path=True, help="run folder for every stage's output")
     corpus: CorpusSpec = dataclasses.field(default_factory=CorpusSpec)
-    tokenizer: str | None = field(None, path=True, help="tokenizer folder (default: trained on the corpus)")
+    tokenizer: str | None = field(None, path=True, keywords=(BUILTIN,),
+                                  help="tokenizer folder, `builtin` (the built-in teacher's) or none (trained on the pool)")
     vocab_size: int = field(2048, help="vocabulary of the tokenizer trained here")
     teacher: ModelRun = field(help="teacher: checkpoint or model to train")
     reference: ModelRun = field(help="reference: checkpoint or model to train on D_ref")
@@ -106,10 +110,11 @@ class PipelineConfig:
                              "(prepare, score, select, train, eval) takes object-store URLs")
         if not 0 < self.selection.alpha <= 1:
             raise ValueError(f"selection.alpha must be in (0, 1], got {self.selection.alpha}")
+        self._check_builtin()
         for role in ("teacher", "reference"):
             run: ModelRun = getattr(self, role)
             if run.checkpoint:
-                if not io.exists(io.join(run.checkpoint, "config.json")):
+                if not io.exists(io.join(resolve_builtin(run.checkpoint), "config.json")):
                     raise ValueError(f"{role}.checkpoint: no HF checkpoint at {run.checkpoint}")
             else:
                 _check_preset(f"{role}.preset", run.preset)
@@ -138,8 +143,8 @@ class PipelineConfig:
                 raise ValueError(f"students[{i}].{budget}: the budget must be > 0")
             if not s.kd:
                 continue
-            teacher = self.teacher.checkpoint if s.kd.teacher == "teacher" else s.kd.teacher
-            tokenizer = s.tokenizer or self.tokenizer
+            teacher = resolve_builtin(self.teacher.checkpoint if s.kd.teacher == "teacher" else s.kd.teacher)
+            tokenizer = s.tokenizer or resolve_builtin(self.tokenizer)
             if teacher and tokenizer:  # both exist already: a mismatch fails now, not hours in
                 from miniplm.distill import check_teacher
                 from miniplm.models import load_tokenizer_checked
@@ -148,8 +153,28 @@ class PipelineConfig:
                     check_teacher(teacher, load_tokenizer_checked(tokenizer), self.train.seq_len)
                 except ValueError as err:
                     raise ValueError(f"students[{i}].{err}") from None
-        if self.tokenizer and not is_tokenizer_dir(self.tokenizer):
+        if self.tokenizer and not is_tokenizer_dir(resolve_builtin(self.tokenizer)):
             raise ValueError(f"tokenizer: no tokenizer folder at {self.tokenizer}")
+
+    def _check_builtin(self) -> None:
+        """The built-in teacher scores with its own tokenizer and, on the sample corpus, was
+        trained on the D_ref these split settings make: anything else fails now, not later."""
+        if self.reference.checkpoint == BUILTIN:
+            raise ValueError("reference.checkpoint: `builtin` is the demo's teacher; train the reference here")
+        if self.teacher.checkpoint != BUILTIN:
+            return
+        if self.tokenizer != BUILTIN:
+            raise ValueError("tokenizer: the built-in teacher needs its own tokenizer (tokenizer: builtin), "
+                             "shared by the reference it is compared with")
+        split = demo_teacher.split_settings()
+        ours = {"fraction": self.reference.fraction, "seed": self.reference.seed, "max_chars": self.corpus.max_chars}
+        differ = {k: v for k, v in ours.items() if v != split[k]}
+        if self.corpus.inputs == ["sample"] and differ:
+            names = {"fraction": "reference.fraction", "seed": "reference.seed", "max_chars": "corpus.max_chars"}
+            raise ValueError("teacher.checkpoint: the built-in teacher was trained on the sample corpus's D_ref "
+                             f"split with fraction {split['fraction']}, seed {split['seed']} and max_chars "
+                             f"{split['max_chars']}; " + ", ".join(f"{names[k]}={v}" for k, v in differ.items())
+                             + " would put text it trained on into the pool")
 
 
 def _check_preset(key: str, preset: str | None) -> None:
@@ -250,13 +275,10 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     from miniplm.evaluate import EvalConfig
-    from miniplm.prepare import PrepareConfig, run_prepare
     from miniplm.report import ReportConfig, run_report
     from miniplm.runtime import init_ray
-    from miniplm.sample_corpus import write_sample_corpus
     from miniplm.score import ScoreConfig, run_score
     from miniplm.select import SelectConfig, run_select
-    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
 
     print(describe(cfg), flush=True)
     out = cfg.output
@@ -266,42 +288,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     step = Steps()
     p = lambda *names: os.path.join(out, *names)  # noqa: E731
 
-    inputs, heldout = cfg.corpus.inputs, cfg.corpus.heldout
-    if inputs == ["sample"]:
-        if not os.path.exists(p("sample", io.MANIFEST)):
-            step("sample corpus", p("sample", io.MANIFEST), write_sample_corpus,
-                 p("sample"), max_bytes=cfg.corpus.sample_bytes)
-        inputs, heldout = [p("sample", "train")], heldout or [p("sample", "heldout")]
-    if not heldout:
-        raise ValueError("corpus.heldout: give held-out evaluation files (or use the sample corpus)")
-    step("prepare corpus", p("instances", io.MANIFEST), run_prepare,
-         PrepareConfig(inputs=inputs, output=p("instances"), max_chars=cfg.corpus.max_chars))
-    step("prepare held-out set", p("heldout", io.MANIFEST), run_prepare,
-         PrepareConfig(inputs=heldout, output=p("heldout"), max_chars=cfg.corpus.max_chars))
-
-    # D_ref, held out from selection, trains the reference (when it is trained here)
-    pool = p("instances")
-    if not cfg.reference.checkpoint:
-        pool = p("pool")
-        step("split D_ref", p("pool", io.MANIFEST), split_instances, p("instances"),
-             cfg.reference.fraction, cfg.reference.seed, p("d_ref"), p("pool"))
-
-    tokenizer = cfg.tokenizer or p("tokenizer")
-    if not cfg.tokenizer and not os.path.exists(p("tokenizer", "tokenizer.json")):
-        step("train tokenizer", p("tokenizer", "tokenizer.json"), run_train_tokenizer,
-             TokenizerConfig(instances=pool, output=p("tokenizer"), vocab_size=cfg.vocab_size))
-
-    models = {}
-    teacher_data = p("d_ref") if cfg.teacher.data == "d_ref" else pool
-    for role, data in (("teacher", teacher_data), ("reference", p("d_ref"))):
-        run: ModelRun = getattr(cfg, role)
-        if run.checkpoint:
-            models[role] = run.checkpoint
-            continue
-        train_cfg = _train_config(cfg, p(role), data, tokenizer, run.preset, None, run.tokens, run.seed,
-                                  eval_data=p("heldout"))
-        step(f"train {role}", p(role, "_done.json"), _train, train_cfg)
-        models[role] = p(role, "final")
+    data = prepare_data(cfg, step)
+    pool, tokenizer = data["pool"], data["tokenizer"]
+    models = {role: train_model(cfg, step, role, data) for role in ("teacher", "reference")}
 
     for role in ("teacher", "reference"):
         step(f"score {role}", p("scores", role, io.MANIFEST), run_score,
@@ -340,6 +329,61 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print("\n" + kept_per_source(io.read_json(p("refined", "report.json"))))
     print("\n" + step.table())
     return {"summary": summary, "steps": step.log}
+
+
+def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
+    """The corpus steps: sample corpus, instances, held-out set, D_ref split, tokenizer.
+    Returns the paths the model steps use."""
+    from miniplm.prepare import PrepareConfig, run_prepare
+    from miniplm.sample_corpus import write_sample_corpus
+    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
+
+    p = lambda *names: os.path.join(cfg.output, *names)  # noqa: E731
+    inputs, heldout = cfg.corpus.inputs, cfg.corpus.heldout
+    if inputs == ["sample"]:
+        if not os.path.exists(p("sample", io.MANIFEST)):
+            step("sample corpus", p("sample", io.MANIFEST), write_sample_corpus,
+                 p("sample"), max_bytes=cfg.corpus.sample_bytes)
+        inputs, heldout = [p("sample", "train")], heldout or [p("sample", "heldout")]
+        if cfg.teacher.checkpoint == BUILTIN:
+            print("\n" + demo_teacher.describe(io.read_json(p("sample", io.MANIFEST))["fingerprint"]))
+    if not heldout:
+        raise ValueError("corpus.heldout: give held-out evaluation files (or use the sample corpus)")
+    step("prepare corpus", p("instances", io.MANIFEST), run_prepare,
+         PrepareConfig(inputs=inputs, output=p("instances"), max_chars=cfg.corpus.max_chars))
+    step("prepare held-out set", p("heldout", io.MANIFEST), run_prepare,
+         PrepareConfig(inputs=heldout, output=p("heldout"), max_chars=cfg.corpus.max_chars))
+
+    # D_ref, held out from selection, trains the reference (when it is trained here)
+    pool = p("instances")
+    if not cfg.reference.checkpoint:
+        pool = p("pool")
+        step("split D_ref", p("pool", io.MANIFEST), split_instances, p("instances"),
+             cfg.reference.fraction, cfg.reference.seed, p("d_ref"), p("pool"))
+
+    tokenizer = resolve_builtin(cfg.tokenizer) or p("tokenizer")
+    if not cfg.tokenizer and not os.path.exists(p("tokenizer", "tokenizer.json")):
+        step("train tokenizer", p("tokenizer", "tokenizer.json"), run_train_tokenizer,
+             TokenizerConfig(instances=pool, output=p("tokenizer"), vocab_size=cfg.vocab_size))
+    return {"pool": pool, "d_ref": p("d_ref"), "heldout": p("heldout"), "tokenizer": tokenizer}
+
+
+def train_model(cfg: PipelineConfig, step: Steps, role: str, data: dict[str, str]) -> str:
+    """The teacher's or the reference's checkpoint: given, built in, or trained here."""
+    run: ModelRun = getattr(cfg, role)
+    if run.checkpoint:
+        return resolve_builtin(run.checkpoint)
+    train_data = data["pool"] if role == "teacher" and cfg.teacher.data == "pool" else data["d_ref"]
+    out = os.path.join(cfg.output, role)
+    train_cfg = _train_config(cfg, out, train_data, data["tokenizer"], run.preset, None, run.tokens, run.seed,
+                              eval_data=data["heldout"])
+    step(f"train {role}", os.path.join(out, "_done.json"), _train, train_cfg)
+    return os.path.join(out, "final")
+
+
+def resolve_builtin(path: str | None) -> str | None:
+    """`builtin` names the demo's built-in teacher (and its tokenizer); any other path is itself."""
+    return demo_teacher.verified() if path == BUILTIN else path
 
 
 def kept_per_source(report: dict) -> str:
@@ -391,7 +435,7 @@ def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, p
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
 # the smoke version of the demo (a few minutes on 2 CPUs): a smaller corpus and budgets
-QUICK = ["corpus.sample_bytes=200000", "teacher.tokens=32000", "reference.tokens=20000",
+QUICK = ["corpus.sample_bytes=200000", "reference.tokens=20000",
          "students[0].tokens=40000", "students[1].tokens=40000", "train.eval_every=5"]
 
 

@@ -60,7 +60,8 @@ def test_pipeline_paths_are_absolute_and_keywords_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg, _ = resolve(build_parser().parse_args(["demo", "--quick"]))
     assert cfg.output == str(tmp_path / "runs" / "demo")
-    assert cfg.corpus.inputs == ["sample"]  # a keyword, not a path
+    assert cfg.corpus.inputs == ["sample"]  # keywords, not paths
+    assert cfg.teacher.checkpoint == cfg.tokenizer == "builtin"
     cfg, _ = resolve(build_parser().parse_args([
         "run", str(io.join(os.path.dirname(__file__), "..", "miniplm", "configs", "demo.yaml")),
         "--set", "output=out", "--set", "corpus.inputs=[data/x.jsonl]", "--set", "corpus.heldout=[h]"]))

@@ -11,13 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import read_metrics
 
-from miniplm import io
+from miniplm import demo_teacher, io
+from miniplm.demo_teacher import ASSET
+from miniplm.models import model_fingerprint
 from miniplm.pipeline import DEMO_CONFIG, demo_config, load_pipeline, run_pipeline
 
 
+def read_parts(root) -> list[str]:
+    return [p["name"] for p in io.read_json(os.path.join(root, io.MANIFEST))["parts"]]
+
+
 def read_ids(root) -> list[str]:
-    manifest = io.read_json(os.path.join(root, io.MANIFEST))
-    return sorted(i for p in manifest["parts"] for i in pq.read_table(os.path.join(root, p["name"]))["id"].to_pylist())
+    return sorted(i for name in read_parts(root) for i in pq.read_table(os.path.join(root, name))["id"].to_pylist())
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +49,12 @@ def test_demo_quick_end_to_end(demo_run):
     for path in ["instances", "heldout", "pool", "d_ref", "scores/teacher", "scores/reference",
                  "refined", "random"]:
         assert os.path.exists(out / path / io.MANIFEST), path
+    # the built-in teacher scored, checked and named; nothing trained a teacher or a tokenizer
+    assert "teacher: built in (mini, 2,500,000 tokens of D_ref, sha256 verified)" in stdout
+    assert not (out / "teacher").exists() and not (out / "tokenizer").exists()
+    for name in read_parts(out / "scores" / "teacher"):
+        scored_by = io.read_parquet_metadata(str(out / "scores" / "teacher" / name))
+        assert scored_by["model"] == ASSET and scored_by["model_fingerprint"] == model_fingerprint(ASSET)
     # the score tables join the instances they scored, one row each
     pool = read_ids(out / "pool")
     assert read_ids(out / "scores" / "teacher") == pool == read_ids(out / "scores" / "reference")
@@ -69,14 +80,15 @@ def test_an_added_kd_student_trains_alone_and_distils_from_the_teacher(demo_run,
     assert with_kd.students[2].kd.teacher == "teacher" and with_kd.students[2].corpus == "random"
     log = {name: status for name, status, _ in run_pipeline(with_kd)["steps"]}
     assert log["train student vanilla-kd"] == "ran" and log["eval student vanilla-kd"] == "ran"
-    for name in ("prepare corpus", "split D_ref", "train teacher", "train reference", "score teacher",
+    assert "train teacher" not in log
+    for name in ("prepare corpus", "split D_ref", "train reference", "score teacher",
                  "score reference", "select refined", "select random", "train student vanilla",
                  "train student miniplm", "eval student vanilla", "eval student miniplm"):
         assert log[name] == "reused", name
     assert {p: p.stat().st_mtime_ns for p in (out / "scores").rglob("*.parquet")} == tables
 
     train = io.read_json(str(out / "students" / "vanilla-kd" / "config.json"))["train"]
-    assert train["kd"] == {"teacher": str(out / "teacher" / "final"), "weight": 0.5, "temperature": 1.0}
+    assert train["kd"] == {"teacher": ASSET, "weight": 0.5, "temperature": 1.0}
     rows = read_metrics(out / "students" / "vanilla-kd")
     for r in rows:  # the loss it trained on mixes both, and both are logged
         assert r["loss"] == pytest.approx(0.5 * r["lm_loss"] + 0.5 * r["kd_loss"], abs=2e-6), r["step"]
@@ -100,6 +112,62 @@ def test_config_errors_name_the_key(override, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", override])
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("reference.fraction=0.3", r"reference.fraction=0.3 would put text it trained on into the pool"),
+    ("corpus.max_chars=500", r"corpus.max_chars=500 would put text"),
+    ("tokenizer=null", r"tokenizer: the built-in teacher needs its own tokenizer"),
+    ("reference.checkpoint=builtin", r"reference.checkpoint: `builtin` is the demo's teacher"),
+])
+def test_the_builtin_teacher_refuses_another_split_or_tokenizer(override, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", override])
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_builtin_teacher_is_checked_against_its_recorded_sha256(tmp_path):
+    """A shipped checkpoint is trusted only as recorded: a changed or missing file is refused,
+    naming it. The recorded hashes are recomputed here with hashlib."""
+    import hashlib
+    import shutil
+
+    record = demo_teacher.provenance()
+    for name, digest in record["files"].items():
+        with open(os.path.join(ASSET, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == digest, name
+    assert record["command"] == "python jobs/build_demo_teacher.py"
+    assert record["train"]["model"]["preset"] == "mini" and record["train"]["data"]["seq_len"] == 128
+    copy = tmp_path / "teacher"
+    shutil.copytree(ASSET, copy)
+    assert demo_teacher.verified(str(copy)) == str(copy)
+    with open(copy / "model.safetensors", "r+b") as f:  # one weight byte flipped
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    demo_teacher.verified.cache_clear()
+    with pytest.raises(ValueError, match=r"teacher/model.safetensors: sha256 .* is not the .* recorded"):
+        demo_teacher.verified(str(copy))
+    shutil.copyfile(os.path.join(ASSET, "model.safetensors"), copy / "model.safetensors")
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"teacher/tokenizer.json: missing"):
+        demo_teacher.verified(str(copy))
+
+
+def test_the_builtin_teacher_ships_in_the_wheel():
+    """`pip install .` (not only `-e .`) must bring every file the demo checks."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["miniplm"]
+    shipped = sorted(os.listdir(ASSET))
+    assert set(shipped) == {"provenance.json", *demo_teacher.provenance()["files"]}
+    for name in shipped:
+        assert any(fnmatch.fnmatch(f"assets/demo-teacher/{name}", p) for p in patterns), name
 
 
 def test_sample_corpus_comes_from_the_base_install_only():
@@ -177,6 +245,7 @@ def test_students_take_kd_and_a_step_budget(tmp_path):
 def test_kd_teacher_with_another_tokenizer_is_refused_at_config_time(tmp_path, tokenizer_dir, gpt2_eos_only_dir):
     with pytest.raises(ValueError, match=r"students\[0\]\.kd\.teacher: .* another tokenizer"):
         load_pipeline(DEMO_CONFIG, [f"output={tmp_path / 'never'}", f"tokenizer={tokenizer_dir}",
+                                    "teacher={preset: mini, tokens: 1000}",
                                     f"students[0].kd={{teacher: {gpt2_eos_only_dir}}}"])
 
 
