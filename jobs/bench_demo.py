@@ -2,7 +2,7 @@
 several seeds on the demo's own corpora (its score tables and selections are reused) and print, per
 seed and as mean ± sd, each student's held-out loss, the gain and the compute-saving factor.
 
-    miniplm demo                                  # first: corpus, teacher, reference, selections
+    miniplm demo                                  # first: corpus, reference, score tables, selections
     python jobs/bench_demo.py [--output runs/demo] [--seeds 0 1 2 3 4 5] [--preset tiny] [--tokens 400000]
 
 The defaults are the demo's own students (`tiny`, 400k tokens), so the table says whether the

@@ -8,7 +8,8 @@ training config and the sha256 of every file).
 With the default --output it replaces the shipped teacher (in a source checkout). Give another
 folder to keep the shipped one and run the demo with yours as an ordinary checkpoint:
 
-    miniplm run miniplm/configs/demo.yaml --set teacher.checkpoint=FOLDER --set tokenizer=FOLDER
+    miniplm run miniplm/configs/demo.yaml --set output=runs/demo-mine --set teacher.checkpoint=FOLDER \
+        --set tokenizer=FOLDER
 """
 
 import argparse

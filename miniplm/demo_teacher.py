@@ -64,16 +64,20 @@ def verified(path: str = ASSET) -> str:
     return path
 
 
-def describe(sample_fingerprint: str) -> str:
-    """What the demo's teacher is, and how this machine's sample corpus relates to its own."""
+def describe(sample_fingerprint: str | None) -> str:
+    """What the demo's teacher is, and how this run's corpus relates to its own (None: the run's
+    corpus is not the sample corpus)."""
     record = provenance(verified())
     corpus = record["corpus"]
+    head = (f"teacher: built in ({record['teacher']}, sha256 verified), built by `{record['command']}` "
+            f"on sample corpus {corpus['fingerprint']} (Python {corpus['python']}).\n")
+    if sample_fingerprint is None:
+        return head + ("This run's corpus is not the sample corpus: the built-in teacher is a demo model "
+                       "that has seen only the sample corpus; for real data name a real teacher checkpoint.")
     same = ("the same corpus" if sample_fingerprint == corpus["fingerprint"] else
             "another corpus (other package versions or another size)")
-    return (f"teacher: built in ({record['teacher']}, sha256 verified), built by `{record['command']}` "
-            f"on sample corpus {corpus['fingerprint']} (Python {corpus['python']}).\n"
-            f"This run's sample corpus is {sample_fingerprint}: {same}. D_ref is keyed on the text, "
-            "so no text of this pool was in the teacher's training data.")
+    return head + (f"This run's sample corpus is {sample_fingerprint}: {same}. D_ref is keyed on the text, "
+                   "so no text of this pool was in the teacher's training data.")
 
 
 def split_settings(path: str = ASSET) -> dict:

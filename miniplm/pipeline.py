@@ -143,7 +143,7 @@ class PipelineConfig:
                 raise ValueError(f"students[{i}].{budget}: the budget must be > 0")
             if not s.kd:
                 continue
-            teacher = resolve_builtin(self.teacher.checkpoint if s.kd.teacher == "teacher" else s.kd.teacher)
+            teacher = resolve_builtin(self.teacher.checkpoint) if s.kd.teacher == "teacher" else s.kd.teacher
             tokenizer = s.tokenizer or resolve_builtin(self.tokenizer)
             if teacher and tokenizer:  # both exist already: a mismatch fails now, not hours in
                 from miniplm.distill import check_teacher
@@ -166,6 +166,10 @@ class PipelineConfig:
         if self.tokenizer != BUILTIN:
             raise ValueError("tokenizer: the built-in teacher needs its own tokenizer (tokenizer: builtin), "
                              "shared by the reference it is compared with")
+        if self.corpus.inputs == ["sample"] and self.reference.checkpoint:
+            raise ValueError("reference.checkpoint: with the built-in teacher on the sample corpus the reference "
+                             "is trained here, on the teacher's D_ref: without that split the pool would hold "
+                             "text the teacher trained on")
         split = demo_teacher.split_settings()
         ours = {"fraction": self.reference.fraction, "seed": self.reference.seed, "max_chars": self.corpus.max_chars}
         differ = {k: v for k, v in ours.items() if v != split[k]}
@@ -345,8 +349,9 @@ def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
             step("sample corpus", p("sample", io.MANIFEST), write_sample_corpus,
                  p("sample"), max_bytes=cfg.corpus.sample_bytes)
         inputs, heldout = [p("sample", "train")], heldout or [p("sample", "heldout")]
-        if cfg.teacher.checkpoint == BUILTIN:
-            print("\n" + demo_teacher.describe(io.read_json(p("sample", io.MANIFEST))["fingerprint"]))
+    if cfg.teacher.checkpoint == BUILTIN:
+        sample = p("sample", io.MANIFEST) if cfg.corpus.inputs == ["sample"] else None
+        print("\n" + demo_teacher.describe(io.read_json(sample)["fingerprint"] if sample else None))
     if not heldout:
         raise ValueError("corpus.heldout: give held-out evaluation files (or use the sample corpus)")
     step("prepare corpus", p("instances", io.MANIFEST), run_prepare,
@@ -382,7 +387,9 @@ def train_model(cfg: PipelineConfig, step: Steps, role: str, data: dict[str, str
 
 
 def resolve_builtin(path: str | None) -> str | None:
-    """`builtin` names the demo's built-in teacher (and its tokenizer); any other path is itself."""
+    """`builtin` names the demo's built-in teacher (and its tokenizer); any other path is itself.
+    The folder is inside the installed package: on a multi-node cluster, where nodes may install
+    it elsewhere, copy it to shared storage and name that path instead."""
     return demo_teacher.verified() if path == BUILTIN else path
 
 

@@ -54,7 +54,7 @@ def test_demo_quick_end_to_end(demo_run):
     assert not (out / "teacher").exists() and not (out / "tokenizer").exists()
     for name in read_parts(out / "scores" / "teacher"):
         scored_by = io.read_parquet_metadata(str(out / "scores" / "teacher" / name))
-        assert scored_by["model"] == ASSET and scored_by["model_fingerprint"] == model_fingerprint(ASSET)
+        assert scored_by["model_fingerprint"] == model_fingerprint(ASSET)
     # the score tables join the instances they scored, one row each
     pool = read_ids(out / "pool")
     assert read_ids(out / "scores" / "teacher") == pool == read_ids(out / "scores" / "reference")
@@ -119,6 +119,7 @@ def test_config_errors_name_the_key(override, message, tmp_path):
     ("corpus.max_chars=500", r"corpus.max_chars=500 would put text"),
     ("tokenizer=null", r"tokenizer: the built-in teacher needs its own tokenizer"),
     ("reference.checkpoint=builtin", r"reference.checkpoint: `builtin` is the demo's teacher"),
+    (f"reference.checkpoint={ASSET}", r"reference.checkpoint: with the built-in teacher on the sample corpus"),
 ])
 def test_the_builtin_teacher_refuses_another_split_or_tokenizer(override, message, tmp_path):
     with pytest.raises(ValueError, match=message):
@@ -153,6 +154,13 @@ def test_the_builtin_teacher_is_checked_against_its_recorded_sha256(tmp_path):
     (copy / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"teacher/tokenizer.json: missing"):
         demo_teacher.verified(str(copy))
+
+
+def test_the_builtin_teacher_tells_how_the_run_corpus_relates_to_its_own():
+    own = demo_teacher.provenance()["corpus"]["fingerprint"]
+    assert f"This run's sample corpus is {own}: the same corpus." in demo_teacher.describe(own)
+    assert "another corpus (other package versions" in demo_teacher.describe("0" * 16)
+    assert "is not the sample corpus" in demo_teacher.describe(None)
 
 
 def test_the_builtin_teacher_ships_in_the_wheel():
