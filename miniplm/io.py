@@ -200,9 +200,11 @@ def remove_dir(root: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def claim_output(root: str, job: dict, *, overwrite: bool, what: str) -> bool:
+def claim_output(root: str, job: dict, *, overwrite: bool, what: str,
+                 remedy: str = "Use another --output, or --overwrite to replace it.") -> bool:
     """Make `root` the output of `job`. Returns True when it already holds this job's
-    finished output. A folder made by a different job is refused unless `overwrite`."""
+    finished output. A folder made by a different job is refused (saying `remedy`) unless
+    `overwrite`."""
     job_url, manifest_url = join(root, JOB), join(root, MANIFEST)
     if overwrite:
         remove_dir(root)
@@ -212,7 +214,7 @@ def claim_output(root: str, job: dict, *, overwrite: bool, what: str) -> bool:
             diff = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
             raise ValueError(
                 f"{root} already holds {what} made with different settings ({', '.join(diff)} "
-                f"differ). Use another --output, or --overwrite to replace it.")
+                f"differ). {remedy}")
         return exists(manifest_url)
     elif list_parts(root):
         raise ValueError(f"{root} holds part files but no {JOB}: not made by this stage. "

@@ -250,7 +250,10 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
     manifest = read_instances_manifest(src)
     job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed,
            "key": "text"}
-    finished = [io.claim_output(root, job, overwrite=False, what="a split") for root in (inside, outside)]
+    # a pipeline step: `run` and `demo` have no --overwrite (a folder from before D_ref was keyed
+    # on the text lands here)
+    remedy = "Remove the run folder, or give the run (`miniplm demo --output`, the YAML's `output`) another one."
+    finished = [io.claim_output(root, job, overwrite=False, what="a split", remedy=remedy) for root in (inside, outside)]
     if all(finished):
         print("split: already complete; nothing to do")
         return

@@ -171,6 +171,12 @@ def test_split_runs_in_per_part_tasks(scored, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     split_instances(str(scored / "inst"), 0.3, 7, str(inside), str(outside))
     assert "already complete" in capsys.readouterr().out
+    # a run folder split before D_ref was keyed on the text: refused, saying what to do in a pipeline
+    job = io.read_json(str(inside / io.JOB))
+    io.write_json(str(inside / io.JOB), {k: v for k, v in job.items() if k != "key"})
+    with pytest.raises(ValueError, match=r"d_ref already holds a split made with different settings \(key "
+                                         r"differ\)\. Remove the run folder, or give the run"):
+        split_instances(str(scored / "inst"), 0.3, 7, str(inside), str(outside))
 
 
 def text_draw(seed: int, text: str) -> float:
