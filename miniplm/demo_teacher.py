@@ -58,8 +58,9 @@ def verified(path: str = ASSET) -> str:
         if not os.path.exists(file):
             raise FileNotFoundError(f"{file}: missing from the built-in demo teacher; reinstall miniplm "
                                     f"or rebuild it with `{COMMAND}`")
-        if _sha256(file) != expected:
-            raise ValueError(f"{file}: sha256 {_sha256(file)[:16]}... is not the {expected[:16]}... recorded "
+        actual = _sha256(file)
+        if actual != expected:
+            raise ValueError(f"{file}: sha256 {actual[:16]}... is not the {expected[:16]}... recorded "
                              f"in {PROVENANCE}; reinstall miniplm or rebuild it with `{COMMAND}`")
     return path
 

@@ -166,14 +166,16 @@ class PipelineConfig:
         if self.tokenizer != BUILTIN:
             raise ValueError("tokenizer: the built-in teacher needs its own tokenizer (tokenizer: builtin), "
                              "shared by the reference it is compared with")
-        if self.corpus.inputs == ["sample"] and self.reference.checkpoint:
+        if self.corpus.inputs != ["sample"]:
+            return  # another corpus never held the teacher's training text
+        if self.reference.checkpoint:
             raise ValueError("reference.checkpoint: with the built-in teacher on the sample corpus the reference "
                              "is trained here, on the teacher's D_ref: without that split the pool would hold "
                              "text the teacher trained on")
         split = demo_teacher.split_settings()
         ours = {"fraction": self.reference.fraction, "seed": self.reference.seed, "max_chars": self.corpus.max_chars}
         differ = {k: v for k, v in ours.items() if v != split[k]}
-        if self.corpus.inputs == ["sample"] and differ:
+        if differ:
             names = {"fraction": "reference.fraction", "seed": "reference.seed", "max_chars": "corpus.max_chars"}
             raise ValueError("teacher.checkpoint: the built-in teacher was trained on the sample corpus's D_ref "
                              f"split with fraction {split['fraction']}, seed {split['seed']} and max_chars "
