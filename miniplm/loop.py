@@ -258,18 +258,17 @@ class MetricsLog:
 
     def __init__(self, url: str, resume_step: int):
         self.url, self.local = url, io.is_local(url)
-        self.lines: list[str] = []
-        if io.exists(url):
-            with fsspec.open(url, "r") as f:
-                self.lines = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        rows = load_metrics(url) if io.exists(url) else []
+        # re-serialised: a kept last line may lack its newline, and the next append needs one
+        self.lines = [json.dumps(row) + "\n" for row in rows if row["step"] <= resume_step]
         self._rewrite()
 
     def append(self, row: dict) -> None:
         line = json.dumps(row) + "\n"
         self.lines.append(line)
         if self.local:
-            with io.writing(self.url), fsspec.open(self.url, "a") as f:
-                f.write(line)
+            with io.writing(self.url):
+                append_line(io.local_path(self.url), line)
 
     def flush(self) -> None:
         if not self.local:
@@ -277,6 +276,44 @@ class MetricsLog:
 
     def _rewrite(self) -> None:
         io.write_bytes(self.url, "".join(self.lines).encode())
+
+
+def load_metrics(url: str) -> list[dict]:
+    """The rows of a metrics.jsonl (resume and `miniplm report` read it). A run killed while it
+    appended leaves a torn last line: that one is dropped, and said so; a bad line before the
+    end is no kill's doing, and an error naming the file and the line."""
+    with fsspec.open(url, "rb") as f:
+        lines = [(n, line) for n, line in enumerate(f.read().split(b"\n"), 1) if line.strip()]
+    rows = []
+    for n, line in lines:
+        try:
+            rows.append(_metrics_row(line))
+        except ValueError:
+            if n != lines[-1][0]:
+                raise ValueError(f"{url}: line {n} is not a JSON metrics row: {line[:80]!r}; only a "
+                                 "torn last line is skipped, so fix or remove this one") from None
+            print(f"{url}: dropped its last line {n} ({len(line)} bytes), torn by a run stopped "
+                  "while writing it", flush=True)
+    return rows
+
+
+def _metrics_row(line: bytes) -> dict:
+    row = json.loads(line)  # bytes that are not UTF-8 raise a ValueError too
+    if not isinstance(row, dict) or "step" not in row:
+        raise ValueError("not a metrics row")
+    return row
+
+
+def append_line(path: str, line: str) -> None:
+    """Append `line` with one write call, not in buffer-sized pieces: a kill leaves it whole
+    or absent (short of a failing disk, which load_metrics survives on the last line)."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:  # a regular file takes it all at once; a short write is finished, not lost
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
 
 
 class _null:

@@ -18,16 +18,15 @@ found through the run's config.json -> its corpus's select manifest -> the teach
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import posixpath
 from io import BytesIO
 
-import fsspec
 import numpy as np
 
 from miniplm import io
 from miniplm.config import describe, field
+from miniplm.loop import load_metrics
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -46,8 +45,7 @@ class Curve:
 
 
 def load_run(path: str) -> dict:
-    with fsspec.open(io.join(path, "metrics.jsonl"), "r") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = load_metrics(io.join(path, "metrics.jsonl"))
     evals = [r for r in rows if "eval_loss" in r]
     name = posixpath.basename(path.rstrip("/"))
     run = {"name": name, "path": path, "rows": rows,

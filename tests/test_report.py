@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -49,6 +50,27 @@ def test_report_writes_table_plot_and_factor(tmp_path):
                                           output=str(tmp_path / "r2")))
     assert not_reached["compute_saving_factor"] is None
     assert "not reached" in (tmp_path / "r2" / "report.md").read_text()
+
+
+def test_a_torn_last_metrics_line_is_dropped_a_corrupt_one_inside_is_an_error(tmp_path, capsys):
+    """A run killed while it appended a metrics line leaves half a line at the end: the report
+    drops it and says so once; a bad line before the end is no kill's doing and stops the report."""
+    write_run(tmp_path / "vanilla", GRID, law(GRID))
+    write_run(tmp_path / "miniplm", GRID, law(3 * GRID))
+    metrics = tmp_path / "miniplm" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 14, "tokens": 9')
+    cfg = ReportConfig(runs=[str(tmp_path / "vanilla"), str(tmp_path / "miniplm")],
+                       output=str(tmp_path / "report"))
+    assert run_report(cfg)["compute_saving_factor"] == pytest.approx(3.0, rel=1e-9)
+    said = [line for line in capsys.readouterr().out.splitlines() if "metrics.jsonl" in line]
+    assert len(said) == 1 and str(metrics) in said[0] and "line 14" in said[0], said
+
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[3] = lines[3][:20] + "\n"
+    metrics.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(metrics))}: line 4 is not a JSON metrics row"):
+        run_report(cfg)
 
 
 def write_kd_run(path, flops, loss, teacher_share: float, data: str | None = None):

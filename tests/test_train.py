@@ -3,6 +3,7 @@ the final checkpoint is a standard HF model the score stage reads, bad configs f
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -215,6 +216,35 @@ def test_a_checkpoint_cannot_run_code_when_restored(tmp_path):
     plain = {"model": {"w": torch.ones(2)}, "state": {"step": 3, "tokens": 7}, "rng": torch.get_rng_state()}
     torch.save(plain, tmp_path / "ok.pt")
     assert load_state(str(tmp_path / "ok.pt"))["state"] == {"step": 3, "tokens": 7}
+
+
+def test_metrics_log_resumes_past_a_torn_last_line(tmp_path, capsys):
+    """A run killed mid-append leaves half a line at the end of metrics.jsonl: the resumed run
+    drops it (saying so once) and appends on a line of its own; a bad line before the end is
+    no kill's doing and stops the run, naming file and line."""
+    from miniplm.loop import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 6.0 - s / 10} for s in range(1, 7)]
+    whole = "".join(json.dumps(r) + "\n" for r in rows[:5])
+    path.write_text(whole + '{"step": 6, "lo')
+    log = MetricsLog(str(path), resume_step=4)
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 1 and str(path) in said[0] and "line 6" in said[0], said
+    log.append(rows[4])
+    assert read_metrics(tmp_path) == rows[:5]
+
+    # torn just before its newline: the row is whole and kept, the next one gets its own line
+    path.write_text(whole + json.dumps(rows[5]))
+    MetricsLog(str(path), resume_step=6).append({"step": 7, "loss": 5.3})
+    assert read_metrics(tmp_path) == rows + [{"step": 7, "loss": 5.3}]
+    assert capsys.readouterr().out == ""
+
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:8] + "\n"
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: line 2 is not a JSON metrics row"):
+        MetricsLog(str(path), resume_step=6)
 
 
 def synthetic_cache(root, rows_per_part: list[int], seq_len: int = 4) -> dict:
