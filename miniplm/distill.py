@@ -270,7 +270,7 @@ def check_teacher(path: str, tokenizer, seq_len: int) -> None:
 
     from miniplm import io
     from miniplm.logprob import context_length
-    from miniplm.models import is_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
+    from miniplm.models import check_vocab, is_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
 
     if not io.exists(io.join(path, "config.json")):
         raise ValueError(f"kd.teacher: no HF checkpoint (config.json) at {path}")
@@ -286,11 +286,8 @@ def check_teacher(path: str, tokenizer, seq_len: int) -> None:
                          "Train the student with the teacher's tokenizer (model.tokenizer), or use "
                          "MiniPLM's data selection, which works across tokenizers")
     config = AutoConfig.from_pretrained(io.local_copy(io.join(path, "config.json")))
-    text = config.get_text_config()
-    if text.vocab_size < len(tokenizer):
-        raise ValueError(f"kd.teacher: its vocabulary ({text.vocab_size}) is smaller than the "
-                         f"tokenizer's {len(tokenizer)} ids")
-    context = context_length(text)
+    check_vocab(config, tokenizer, "kd.teacher")
+    context = context_length(config.get_text_config())
     if context is not None and seq_len > context:
         raise ValueError(f"kd.teacher: data.seq_len {seq_len} exceeds the teacher's context {context}")
 

@@ -5,7 +5,8 @@ A stage's output folder holds numbered `part-*.parquet` files, a `_job.json` wri
 the stage starts (what it was asked to do, so a re-run with other inputs refuses instead
 of mixing) and a `_manifest.json` written last (counts, fingerprints; its presence means
 the stage finished). Parts are written under `_tmp/` and moved into place, so a part file
-with a final name is always complete.
+with a final name is always complete. While a run works on a folder it holds its lease
+(`_lease.json`, `miniplm.lease`); `--overwrite` empties only a folder the same stage made.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+
+from miniplm.lease import LEASE, Lease
 
 MANIFEST = "_manifest.json"
 JOB = "_job.json"
@@ -104,9 +107,16 @@ def write_bytes(url: str, data: bytes) -> None:
     with writing(url):
         fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
         try:
-            with fs.open(tmp, "wb") as f:
-                f.write(data)
-            fs.mv(tmp, path)
+            if is_local(url):  # on disk before the rename publishes it: a crash leaves no empty part
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                with fs.open(tmp, "wb") as f:
+                    f.write(data)
+                fs.mv(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):  # the disk may still refuse; _tmp is cleared on re-run
                 if fs.exists(tmp):
@@ -200,14 +210,24 @@ def remove_dir(root: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def claim_output(root: str, job: dict, *, overwrite: bool, what: str,
-                 remedy: str = "Use another --output, or --overwrite to replace it.") -> bool:
-    """Make `root` the output of `job`. Returns True when it already holds this job's
-    finished output. A folder made by a different job is refused (saying `remedy`) unless
-    `overwrite`."""
+@contextlib.contextmanager
+def claim_output(root: str, job: dict, *, overwrite: bool, what: str, inputs: Iterable[str] = (),
+                 remedy: str = "Use another --output, or --overwrite to replace it.") -> Iterator[bool]:
+    """Hold `root` as the output of `job` for the `with` block; yields True when it already
+    holds this job's finished output. Refused before anything is written: an output that is,
+    holds or sits inside one of `inputs`; a non-empty folder this stage did not make (with or
+    without `overwrite`); a folder another live run holds. A folder this stage made with other
+    settings is refused (saying `remedy`) unless `overwrite`, which empties it."""
+    check_apart(root, inputs)
+    check_made_by(root, job["stage"])
+    with Lease(root, job["stage"]):
+        yield _claim(root, job, overwrite=overwrite, what=what, remedy=remedy)
+
+
+def _claim(root: str, job: dict, *, overwrite: bool, what: str, remedy: str) -> bool:
     job_url, manifest_url = join(root, JOB), join(root, MANIFEST)
     if overwrite:
-        remove_dir(root)
+        remove_contents(root, keep=(LEASE,))
     elif exists(job_url):
         previous = read_json(job_url)
         if previous != job:
@@ -216,14 +236,82 @@ def claim_output(root: str, job: dict, *, overwrite: bool, what: str,
                 f"{root} already holds {what} made with different settings ({', '.join(diff)} "
                 f"differ). {remedy}")
         return exists(manifest_url)
-    elif list_parts(root):
-        raise ValueError(f"{root} holds part files but no {JOB}: not made by this stage. "
-                         "Use another --output, or --overwrite to replace it.")
-    fs, path = url_to_fs(root)
-    with writing(root):
-        fs.makedirs(path, exist_ok=True)
     write_json(job_url, job)
     return False
+
+
+def check_made_by(root: str, stage: str, marker: str = JOB) -> None:
+    """Refuse a non-empty folder that `stage` did not make (its `marker` file says who did)."""
+    names = [n for n in list_names(root) if n not in (LEASE, TMP)]
+    if not names:
+        return
+    if marker in names:
+        made_by = read_json(join(root, marker)).get("stage", stage) if marker == JOB else stage
+        if made_by == stage:
+            return
+        raise ValueError(f"{root} holds the output of `miniplm {made_by}`, not of `{stage}`: "
+                         "use another output folder")
+    shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    raise ValueError(f"{root} is not empty and miniplm {stage} did not make it (it holds {shown}). "
+                     "miniplm writes only into a new or empty folder, or one this stage made: "
+                     "give another output folder")
+
+
+def list_names(root: str) -> list[str]:
+    """The names of the entries directly inside `root` ([] when it does not exist)."""
+    fs, path = url_to_fs(root)
+    if not fs.isdir(path):
+        if fs.exists(path):
+            raise ValueError(f"{root} is a file, not a folder")
+        return []
+    return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+
+
+def remove_contents(root: str, keep: tuple[str, ...] = ()) -> None:
+    """Empty a folder this stage made, keeping the named entries (this run's lease)."""
+    fs, path = url_to_fs(root)
+    for name in list_names(root):
+        if name not in keep:
+            fs.rm(posixpath.join(path, name), recursive=True)
+
+
+def check_apart(output: str, inputs: Iterable[str]) -> None:
+    """Refuse an output that is an input, holds one or sits inside one: a stage never
+    writes where it reads."""
+    out = _location(output)
+    for url in inputs:
+        if not url:
+            continue
+        where = _location(url)
+        if out[0] != where[0]:
+            continue
+        if out[1] == where[1]:
+            relation = "is"
+        elif where[1].startswith(out[1].rstrip("/") + "/"):
+            relation = "contains"
+        elif out[1].startswith(where[1].rstrip("/") + "/"):
+            relation = "is inside"
+        else:
+            continue
+        raise ValueError(f"output {output} {relation} the input {url}: a stage never writes where "
+                         "it reads. Give an output folder apart from every input")
+
+
+def _location(url: str) -> tuple[str, str]:
+    """(filesystem, normalised path) of a local path or URL, for comparing places."""
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        return "file", os.path.realpath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, path.rstrip("/")
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name` as one path segment: names read from configs and manifests never lead outside
+    the folder they are joined to."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise ValueError(f"{what}: {name!r} is not a plain name (no path separators, no '..')")
+    return name
 
 
 def read_instances_manifest(root: str) -> dict:
@@ -306,6 +394,12 @@ def _file_identity(url: str) -> tuple:
     fs, path = url_to_fs(url)
     info = fs.info(path)
     return info.get("size"), str(_version_tag(info))
+
+
+def file_version(url: str) -> list:
+    """A file's size and version (mtime on disk, the store's ETag elsewhere): what changes
+    when the file is rewritten, without reading it."""
+    return list(_file_identity(url)[:2])
 
 
 def hash_json(obj: Any) -> str:

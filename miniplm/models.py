@@ -155,9 +155,7 @@ def model_config(spec: ModelSpec, tokenizer, seq_len: int):
     if spec.config:
         url = spec.config if spec.config.endswith(".json") else io.join(spec.config, "config.json")
         config = AutoConfig.from_pretrained(io.local_copy(url))
-        if config.vocab_size < len(tokenizer):
-            raise ValueError(f"model.config: vocab_size {config.vocab_size} is smaller than the "
-                             f"tokenizer's {len(tokenizer)}")
+        check_vocab(config, tokenizer, "model.config")
         where = "model.config"
     else:
         model_type, kwargs, context = PRESETS[spec.preset]
@@ -175,6 +173,15 @@ def model_config(spec: ModelSpec, tokenizer, seq_len: int):
         if hasattr(config, name):
             setattr(config, name, 0.0)
     return config
+
+
+def check_vocab(config, tokenizer, key: str) -> None:
+    """Refuse a model whose embedding the tokenizer's ids overflow: an IndexError on CPU and a
+    device-side assert on CUDA, hours in, otherwise."""
+    vocab = config.get_text_config().vocab_size
+    if vocab < len(tokenizer):
+        raise ValueError(f"{key}: the model's vocabulary ({vocab}) is smaller than its tokenizer's "
+                         f"{len(tokenizer)} ids; pair the model with the tokenizer it was trained with")
 
 
 def config_from_dict(values: dict):

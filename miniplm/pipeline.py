@@ -9,6 +9,7 @@ only that student. Each step prints whether it ran or was reused, and its time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 from miniplm import demo_teacher, io
 from miniplm.config import describe, field, to_dict
 from miniplm.demo_teacher import BUILTIN
+from miniplm.lease import Lease
 from miniplm.models import PRESETS, is_tokenizer_dir
 from miniplm.train import KDSpec
 
@@ -128,7 +130,8 @@ class PipelineConfig:
             raise ValueError(f"reference.fraction must be in (0, 1], got {self.reference.fraction}")
         if not self.students:
             raise ValueError("students: list at least one student")
-        names = [s.name for s in self.students]
+        io.plain_name(self.report, "report")  # folders under output: never a path out of it
+        names = [io.plain_name(s.name, f"students[{i}].name") for i, s in enumerate(self.students)]
         if len(set(names)) != len(names):
             raise ValueError(f"students: names must be unique, got {names}")
         for i, s in enumerate(self.students):
@@ -247,7 +250,6 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
     of a text land together. One Ray task per part; the driver only adds up part entries and
     fingerprints."""
     from miniplm.io import read_instances_manifest
-    from miniplm.runtime import init_ray, map_parts
 
     manifest = read_instances_manifest(src)
     job = {"stage": "split", "instances_fingerprint": manifest["fingerprint"], "fraction": fraction, "seed": seed,
@@ -255,12 +257,20 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
     # a pipeline step: `run` and `demo` have no --overwrite (a folder from before D_ref was keyed
     # on the text lands here)
     remedy = "Remove the run folder, or give the run (`miniplm demo --output`, the YAML's `output`) another one."
-    finished = [io.claim_output(root, job, overwrite=False, what="a split", remedy=remedy) for root in (inside, outside)]
-    if all(finished):
-        print("split: already complete; nothing to do")
-        return
+    with contextlib.ExitStack() as held:
+        finished = [held.enter_context(io.claim_output(root, job, overwrite=False, what="a split", remedy=remedy,
+                                                       inputs=[src])) for root in (inside, outside)]
+        if all(finished):
+            print("split: already complete; nothing to do")
+            return
+        _split_into(manifest, src, fraction, seed, inside, outside, job)
+
+
+def _split_into(manifest: dict, src: str, fraction: float, seed: int, inside: str, outside: str, job: dict) -> None:
+    from miniplm.runtime import init_ray, map_parts
+
     init_ray()
-    names = [part["name"] for part in manifest["parts"]]
+    names = [io.plain_name(part["name"], f"{src}/{io.MANIFEST} part") for part in manifest["parts"]]
     results = [None] * len(names)
     calls = [(src, name, fraction, seed, inside, outside) for name in names]
     for k, halves in map_parts(split_part, calls, "split"):
@@ -283,15 +293,22 @@ def split_instances(src: str, fraction: float, seed: int, inside: str, outside: 
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run (or resume) the pipeline into `cfg.output`, which this run holds until it ends."""
+    print(describe(cfg), flush=True)
+    io.check_made_by(cfg.output, "run", marker="pipeline.json")
+    with Lease(cfg.output, "run"):
+        return _run_into(cfg)
+
+
+def _run_into(cfg: PipelineConfig) -> dict:
+    """Every step of the pipeline in the (held) run folder."""
     from miniplm.evaluate import EvalConfig
     from miniplm.report import ReportConfig, run_report
     from miniplm.runtime import init_ray
     from miniplm.score import ScoreConfig, run_score
     from miniplm.select import SelectConfig, run_select
 
-    print(describe(cfg), flush=True)
     out = cfg.output
-    os.makedirs(out, exist_ok=True)
     io.write_json(os.path.join(out, "pipeline.json"), to_dict(cfg))
     init_ray()
     step = Steps()

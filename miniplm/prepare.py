@@ -312,21 +312,27 @@ def _prepare_files(batch: dict, cfg: PrepareConfig) -> dict:
 
 def run_prepare(cfg: PrepareConfig) -> dict:
     """Run the prepare stage; returns its manifest."""
+    print(describe(cfg), flush=True)
+    started = time.time()
+    urls = expand_inputs(cfg.inputs)
+    inputs = [p for p in cfg.inputs if not any(c in p for c in "*?[")] + urls
+    with io.claim_output(cfg.output, job_record(cfg, urls), overwrite=cfg.overwrite,
+                         what="an instances dataset", inputs=inputs) as finished:
+        if finished:
+            manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
+            print(f"prepare: {cfg.output} is already complete ({manifest['instances']} instances); "
+                  "nothing to do")
+            return manifest
+        return _prepare_files_into(cfg, urls, started)
+
+
+def _prepare_files_into(cfg: PrepareConfig, urls: list[str], started: float) -> dict:
     import ray
     from tqdm.auto import tqdm
 
     from miniplm.runtime import init_ray
 
-    print(describe(cfg), flush=True)
-    started = time.time()
-    urls = expand_inputs(cfg.inputs)
-    if io.claim_output(cfg.output, job_record(cfg, urls), overwrite=cfg.overwrite, what="an instances dataset"):
-        manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
-        print(f"prepare: {cfg.output} is already complete ({manifest['instances']} instances); "
-              "nothing to do")
-        return manifest
     io.clear_tmp(cfg.output)
-
     done = _finished_files(cfg.output)
     todo = [{"url": u, "rel_name": r, "file_index": i}
             for i, (u, r) in enumerate(zip(urls, relative_names(urls))) if i not in done]
@@ -352,9 +358,11 @@ def run_prepare(cfg: PrepareConfig) -> dict:
 
 
 def job_record(cfg: PrepareConfig, urls: list[str]) -> dict:
-    """What a prepare output is made of: a re-run must match it to resume."""
+    """What a prepare output is made of: a re-run must match it to resume. Each file enters
+    with its size and version (mtime, or the store's ETag), so an input changed since is
+    noticed instead of reported complete."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "overwrite", "inputs")}
-    return {"stage": "prepare", "files": urls, **settings}
+    return {"stage": "prepare", "files": urls, "versions": [io.file_version(u) for u in urls], **settings}
 
 
 def _finished_files(output: str) -> dict[int, dict]:

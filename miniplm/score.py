@@ -29,7 +29,7 @@ from miniplm.config import describe, field, to_dict
 from miniplm.encode import text_encoder, tokenize_part
 from miniplm.io import read_instances_manifest
 from miniplm.logprob import PACKING
-from miniplm.models import (DTYPES, check_model_dir, load_model, load_tokenizer, model_fingerprint,
+from miniplm.models import (DTYPES, check_model_dir, check_vocab, load_model, load_tokenizer, model_fingerprint,
                             resolve_dtype, tokenizer_fingerprint)
 
 SCORE_SCHEMA = pa.schema([("id", pa.string()), ("n_tokens", pa.int64()), ("logprob", pa.float64())])
@@ -175,8 +175,10 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     check_model_dir(cfg.model)
     from transformers import AutoConfig
 
-    declared = context_length(AutoConfig.from_pretrained(io.local_copy(cfg.model),
-                                                         trust_remote_code=cfg.trust_remote_code))
+    hf_config = AutoConfig.from_pretrained(io.local_copy(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    check_vocab(hf_config, tokenizer, "--model")  # before Ray starts
+    declared = context_length(hf_config)
     max_length = cfg.max_length or declared or 2048
     if declared and max_length > declared:
         warnings.warn(f"score: max_length {max_length} is past {cfg.model}'s declared context "
@@ -187,19 +189,30 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     job = {"stage": "score", "model_fingerprint": model_fingerprint(cfg.model),
            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
            "instances_fingerprint": instances["fingerprint"],
            "max_length": max_length, "stride": stride, "dtype": dtype}
     provenance = {"model": cfg.model, "instances": cfg.instances, **job, "version": __version__}
-    if io.claim_output(cfg.output, job, overwrite=cfg.overwrite, what="a score table"):
-        manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
-        print(f"score: {cfg.output} is already complete ({manifest['rows']} rows); nothing to do")
-        return manifest
-    io.clear_tmp(cfg.output)
+    with io.claim_output(cfg.output, job, overwrite=cfg.overwrite, what="a score table",
+                         inputs=[cfg.instances, cfg.model]) as finished:
+        if finished:
+            manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
+            print(f"score: {cfg.output} is already complete ({manifest['rows']} rows); nothing to do")
+            return manifest
+        manifest = _score_into(cfg, instances, provenance, device=device, dtype=dtype, max_length=max_length,
+                               stride=stride, on_part_written=on_part_written, started=started)
+    print(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
+          f"token {manifest['mean_logprob_per_token']:.4f}, in {manifest['seconds']:.1f}s -> {cfg.output}")
+    return manifest
 
-    expected = {p["name"]: p["rows"] for p in instances["parts"]}
+
+def _score_into(cfg: ScoreConfig, instances: dict, provenance: dict, *, device: str, dtype: str,
+                max_length: int, stride: int, on_part_written, started: float) -> dict:
+    """Score every part not yet in the (held) output, then check the table and finish it."""
+    io.clear_tmp(cfg.output)
+    expected = {io.plain_name(p["name"], f"{cfg.instances}/{io.MANIFEST} part"): p["rows"]
+                for p in instances["parts"]}
     finished = {posixpath.basename(u) for u in io.list_parts(cfg.output)} & set(expected)
     pending = [name for name in expected if name not in finished]
     if finished:
@@ -215,11 +228,7 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
             if isinstance(unwrap(err), PartKillsWorker):
                 raise unwrap(err) from None  # its message, not Ray's remote traceback
             raise
-
-    manifest = _finish(cfg, provenance, expected, time.time() - started)
-    print(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
-          f"token {manifest['mean_logprob_per_token']:.4f}, in {manifest['seconds']:.1f}s -> {cfg.output}")
-    return manifest
+    return _finish(cfg, provenance, expected, time.time() - started)
 
 
 def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype: str,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import json
 import math
 import time
 from fractions import Fraction
@@ -153,6 +154,23 @@ def read_part(root: str, name: str, columns: list[str]) -> pa.Table:
         return pq.read_table(f, columns=columns)
 
 
+# what makes a score table one model's: every part must agree with the table's manifest on these
+PART_PROVENANCE = ("model_fingerprint", "tokenizer_fingerprint", "instances_fingerprint", "max_length",
+                   "stride", "dtype")
+
+
+def check_part_provenance(table: pa.Table, root: str, name: str, role: str) -> None:
+    """Refuse a part scored by another run than the one the manifest describes (a table that
+    two models wrote into would otherwise pass as one)."""
+    meta = table.schema.metadata or {}
+    part = json.loads(meta[b"miniplm"]) if b"miniplm" in meta else {}
+    table_prov = io.read_json(io.join(root, io.MANIFEST)).get("provenance", {})
+    differ = [k for k in PART_PROVENANCE if part.get(k) != table_prov.get(k)]
+    if differ:
+        raise ValueError(f"{role} table {root}: part {name} was scored with other settings than the table's "
+                         f"manifest ({', '.join(differ)} differ): re-score it with --overwrite")
+
+
 def check_unique(table: pa.Table, what: str) -> None:
     n_unique = pc.count_distinct(table["id"]).as_py()
     if n_unique != table.num_rows:
@@ -194,6 +212,7 @@ def read_joined_part(cfg: SelectConfig, name: str, columns: list[str]) -> pa.Tab
     roles = [("teacher", cfg.teacher, "t")] + ([("reference", cfg.reference, "r")] if uses_reference(cfg) else [])
     for role, root, prefix in roles:
         table = read_part(root, name, ["id", "n_tokens", "logprob"])
+        check_part_provenance(table, root, name, role)
         table = align(instances["id"], table, f"{role} table {root}", role, name)
         check_finite(table, f"{role} table {root}")
         instances = instances.append_column(f"{prefix}_tokens", table["n_tokens"])
@@ -371,7 +390,7 @@ class Ranking:
 
 def rank_parts(cfg: SelectConfig, parts: list[dict]) -> Ranking:
     """The rank wave: every part's keys, copied into preallocated arrays as tasks finish."""
-    names = [p["name"] for p in parts]
+    names = [io.plain_name(p["name"], f"{cfg.instances}/{io.MANIFEST} part") for p in parts]
     offsets = np.concatenate([[0], np.cumsum([p["rows"] for p in parts])]).astype(np.int64)
     n = int(offsets[-1])
     budget = cfg.budget_tokens is not None
@@ -481,7 +500,6 @@ def write_parts(cfg: SelectConfig, ranking: Ranking, keep: np.ndarray, threshold
 def run_select(cfg: SelectConfig) -> dict:
     """Run the select stage; returns its manifest (or, with dry_run, the report)."""
     from miniplm.io import read_instances_manifest
-    from miniplm.runtime import init_ray
 
     print(describe(cfg), flush=True)
     started = time.time()
@@ -493,13 +511,24 @@ def run_select(cfg: SelectConfig) -> dict:
         r_manifest = read_score_manifest(cfg.reference, "reference", inst_manifest)
         check_tokenizers(t_manifest, r_manifest, cfg.normalize)
 
+    if cfg.dry_run:  # writes nothing: no output to hold
+        return _select_into(cfg, inst_manifest, t_manifest, r_manifest, started)
     job = select_job(cfg, fp, t_manifest, r_manifest)
-    if not cfg.dry_run and io.claim_output(cfg.output, job, overwrite=cfg.overwrite,
-                                           what="a refined corpus"):
-        manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
-        print(f"select: {cfg.output} is already complete ({manifest['instances']} kept); nothing to do")
-        return manifest
+    with io.claim_output(cfg.output, job, overwrite=cfg.overwrite, what="a refined corpus",
+                         inputs=[cfg.instances, cfg.teacher, cfg.reference]) as finished:
+        if finished:
+            manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
+            print(f"select: {cfg.output} is already complete ({manifest['instances']} kept); nothing to do")
+            return manifest
+        return _select_into(cfg, inst_manifest, t_manifest, r_manifest, started)
 
+
+def _select_into(cfg: SelectConfig, inst_manifest: dict, t_manifest: dict, r_manifest: dict | None,
+                 started: float) -> dict:
+    """Rank, choose and (unless dry_run) write the refined corpus with its report."""
+    from miniplm.runtime import init_ray
+
+    fp = inst_manifest["fingerprint"]
     init_ray()
     ranking = rank_parts(cfg, inst_manifest["parts"])
     keep = choose(ranking, cfg)

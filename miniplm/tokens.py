@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from miniplm import io
 from miniplm.config import field
 from miniplm.encode import TextEncoder, text_encoder
+from miniplm.lease import Lease
 from miniplm.models import load_tokenizer, tokenizer_fingerprint
 
 PACKING = 2  # the packing format's version: a change makes every older cache a miss
@@ -89,16 +90,25 @@ def pack_part(batch: dict, encoder: TextEncoder, seq_len: int, fraction: float, 
 def build_token_cache(data: DataSpec, tokenizer_path: str, cache_root: str) -> tuple[str, dict]:
     """Tokenise + pack an instances dataset once into `cache_root/<key>` (reused when built;
     a killed build resumes with the parts it finished)."""
-    import ray
-
     instances = io.read_instances_manifest(data.path)
     key = cache_key(data, instances["fingerprint"], tokenizer_fingerprint(load_tokenizer(tokenizer_path)))
     root = io.join(cache_root, key)
     if io.exists(io.join(root, io.MANIFEST)):
         return root, io.read_json(io.join(root, io.MANIFEST))
+    # a run that needs the cache while another builds it waits for that one, then reuses it
+    with Lease(root, "tokens").wait():
+        if io.exists(io.join(root, io.MANIFEST)):
+            return root, io.read_json(io.join(root, io.MANIFEST))
+        return root, _build(data, instances, tokenizer_path, root)
+
+
+def _build(data: DataSpec, instances: dict, tokenizer_path: str, root: str) -> dict:
+    import ray
+
+    io.clear_tmp(root)
+    names = [io.plain_name(p["name"], f"{data.path}/{io.MANIFEST} part") for p in instances["parts"]]
     done = {p.rsplit("/", 1)[-1] for p in io.list_parts(root)}
-    todo = [{"part": p["name"], "url": io.join(data.path, p["name"])}
-            for p in instances["parts"] if p["name"] not in done]
+    todo = [{"part": name, "url": io.join(data.path, name)} for name in names if name not in done]
     if todo:
         print(f"tokens: packing {len(todo)} of {len(instances['parts'])} parts -> {root}", flush=True)
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
@@ -107,7 +117,7 @@ def build_token_cache(data: DataSpec, tokenizer_path: str, cache_root: str) -> t
                             batch_size=1, num_cpus=0.5)
         for _ in ds.iter_rows():
             pass
-    stats = [io.read_parquet_metadata(io.join(root, p["name"])) for p in instances["parts"]]
+    stats = [io.read_parquet_metadata(io.join(root, name)) for name in names]
     parts = [{"name": s["part"], "rows": s["sequences"]} for s in stats]
     manifest = {"instances": data.path, "instances_fingerprint": instances["fingerprint"],
                 "tokenizer": tokenizer_path, "seq_len": data.seq_len, "fraction": data.fraction,
@@ -120,7 +130,7 @@ def build_token_cache(data: DataSpec, tokenizer_path: str, cache_root: str) -> t
         raise ValueError(f"data.path: {data.path} yields no {data.seq_len}-token sequence "
                          f"(fraction {data.fraction}); lower data.seq_len or add data")
     io.write_manifest(root, manifest)
-    return root, manifest
+    return manifest
 
 
 def read_part(root: str, name: str) -> np.ndarray:

@@ -20,6 +20,7 @@ from fsspec.core import url_to_fs
 
 from miniplm import __version__, io
 from miniplm.config import field
+from miniplm.lease import Lease
 from miniplm.models import PRESETS, ModelSpec, load_tokenizer_checked, model_config
 from miniplm.tokens import DataSpec, build_token_cache
 
@@ -213,13 +214,7 @@ def claim_run(cfg: TrainConfig, settings: dict, previous: dict | None) -> None:
 
 def run_train(cfg: TrainConfig) -> dict:
     """Check the config, build the token caches, run the Ray Train job; returns a summary."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from miniplm.config import describe, to_dict
-    from miniplm.loop import train_loop
-    from miniplm.runtime import init_ray
+    from miniplm.config import describe
 
     print(describe(cfg), flush=True)
     tokenizer = load_tokenizer_checked(cfg.model.tokenizer)
@@ -229,6 +224,23 @@ def run_train(cfg: TrainConfig) -> dict:
 
         check_teacher(cfg.kd.teacher, tokenizer, cfg.data.seq_len)
     settings = run_settings(cfg, hf_config, tokenizer, io.read_instances_manifest(cfg.data.path)["fingerprint"])
+    io.check_apart(cfg.output, [cfg.data.path, cfg.eval.data, cfg.model.tokenizer, cfg.model.config,
+                                cfg.kd.teacher if cfg.kd else None])
+    io.check_made_by(cfg.output, "train", marker=RUN)
+    with Lease(cfg.output, "train"):
+        return _train_into(cfg, settings, hf_config)
+
+
+def _train_into(cfg: TrainConfig, settings: dict, hf_config) -> dict:
+    """Resume or start the run in the (held) output folder."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from miniplm.config import to_dict
+    from miniplm.loop import train_loop
+    from miniplm.runtime import init_ray
+
     previous = previous_settings(cfg.output)
     done_path = io.join(cfg.output, DONE)
     if previous == settings and io.exists(done_path):
