@@ -229,20 +229,26 @@ def split_text(text: str, max_chars: int) -> list[str]:
     """Split into pieces of at most `max_chars`, cutting after the last paragraph break,
     else line break, else space in the second half of the window (else hard). Lossless:
     the pieces concatenate to the text; whitespace-only pieces are dropped."""
-    pieces = []
-    while len(text) > max_chars:
-        window = text[:max_chars]
-        cut = 0
+    pieces, rest = _cut(text, max_chars)
+    pieces.append(text[rest:])
+    return [p for p in pieces if p.strip()]
+
+
+def _cut(text: str, max_chars: int) -> tuple[list[str], int]:
+    """The pieces cut off the front of `text` while more than `max_chars` remain, and where
+    the rest starts. Searching by offset, never slicing off the rest, keeps it linear."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end, cut = start + max_chars, 0
         for sep in ("\n\n", "\n", " ", "\t"):
-            pos = window.rfind(sep)
-            if pos + len(sep) > max_chars // 2:
-                cut = pos + len(sep)
+            pos = text.rfind(sep, start, end)
+            if pos >= 0 and pos - start + len(sep) > max_chars // 2:
+                cut = pos - start + len(sep)
                 break
         cut = cut or max_chars
-        pieces.append(text[:cut])
-        text = text[cut:]
-    pieces.append(text)
-    return [p for p in pieces if p.strip()]
+        pieces.append(text[start:start + cut])
+        start += cut
+    return pieces, start
 
 
 # ---------------------------------------------------------------- one file
