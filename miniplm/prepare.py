@@ -4,20 +4,24 @@ Reads .jsonl/.json, .parquet and .txt files (optionally .gz/.bz2/.xz/.zst compre
 or any fsspec URL, one Ray Data task per file. Long documents are split at paragraph, line or
 word boundaries into instances of at most `max_chars` characters. An instance id is
 `<file relative to the inputs' common folder>:<row>:<chunk>`, stable across re-runs and
-machines. Bad rows are skipped and counted per reason (or, with `strict`, stop the run
-naming file and line). Each input file writes its own numbered parts and then a completion
+machines. Files are read in blocks, so no file's size decides memory: a JSON line or array
+record over `max_line_bytes` is skipped without being held, and a whole-file .txt document is
+split as it streams. Bad rows are skipped and counted per reason (or, with `strict`, stop the
+run naming file and line). Each input file writes its own numbered parts and then a completion
 marker, so a killed run re-runs only unfinished files.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
+import itertools
 import json
 import posixpath
 import re
 import time
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -42,6 +46,10 @@ class PrepareConfig:
     text_field: str = field("text", help="JSON field / Parquet column holding the text")
     lines: bool = field(False, help=".txt files hold one document per line (else one per file)")
     max_chars: int = field(8192, help="split documents longer than this many characters")
+    max_line_bytes: int = field(8_000_000, help="skip (counted as too_long) a JSON line, JSON array "
+                                "record or --lines text line longer than this many bytes, without "
+                                "ever holding it whole; a whole-file .txt document is streamed "
+                                "and split instead")
     source: str | None = field(None, help="`source` label for every instance (default: the file "
                                           "stem without a shard number)")
     strict: bool = field(False, help="stop at the first bad row, naming file and line")
@@ -53,6 +61,8 @@ class PrepareConfig:
             raise ValueError("inputs: give at least one corpus file, folder or glob")
         if self.max_chars < 1:
             raise ValueError(f"max_chars must be >= 1, got {self.max_chars}")
+        if self.max_line_bytes < 1:
+            raise ValueError(f"max_line_bytes must be >= 1, got {self.max_line_bytes}")
         if self.rows_per_part < 1:
             raise ValueError(f"rows_per_part must be >= 1, got {self.rows_per_part}")
 
@@ -124,6 +134,16 @@ def relative_names(urls: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- reading rows
 
+# A reader's row: (row, text, skip_reason). The text is a str, or for a whole .txt file an
+# iterable of str blocks, so that no file is ever held whole.
+Row = tuple[int, "str | Iterable[str] | None", "str | None"]
+READ_BLOCK = 1 << 20  # bytes per read: all a reader holds besides the record it is building
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _blocks(f) -> Iterator[bytes]:
+    return iter(lambda: f.read(READ_BLOCK), b"")
+
 
 def _decode(raw: bytes) -> str | None:
     try:
@@ -140,41 +160,157 @@ def _check_text(value: object) -> tuple[str | None, str | None]:
         return None, "non_string_text"
     if not value.strip():
         return None, "empty_text"
+    if _SURROGATE.search(value):  # a lone `\ud800` escape in JSON: no UTF-8 exists for it
+        return None, "invalid_unicode"
     return value, None
 
 
-def read_json_rows(url: str, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:
+def read_lines(f, limit: int) -> Iterator[tuple[bytes | None, str | None]]:
+    """(line, None) for each line of a binary stream, without its b"\\n", or (None, "too_long")
+    for a line over `limit` bytes, dropped as it is read: never more than `limit` plus a block
+    is held (a plain readline would hold the whole line)."""
+    line, size, too_long = [], 0, False
+    for data in _blocks(f):
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            stop = len(data) if end < 0 else end
+            size += stop - start
+            too_long = too_long or size > limit
+            if too_long:
+                line = []
+            elif end >= 0 and not line:  # the whole line is in this block: no copy to join
+                yield data[start:end], None
+            elif stop > start:
+                line.append(data[start:stop])
+            if end < 0:
+                break
+            if too_long or line:
+                yield (None, "too_long") if too_long else (b"".join(line), None)
+            line, size, too_long, start = [], 0, False, end + 1
+    if too_long or line:  # a last line without b"\n"
+        yield (None, "too_long") if too_long else (b"".join(line), None)
+
+
+class JsonArrayRecords:
+    """Splits a JSON array into its records' raw bytes by tracking strings and nesting, so that
+    each record is parsed alone, as a JSON line is: a bad record is counted by itself, one over
+    `limit` bytes is dropped as it is read, and an array cut off by the end of the file keeps
+    the records before the cut. (ijson would parse whole records too, but it turns a lone
+    surrogate into "?" unsaid, and its prefixes take memory quadratic in the nesting depth.)"""
+
+    TOKEN = re.compile(rb'["\[\]{},]')  # what matters outside a string
+    STRING_END = re.compile(rb'\\*"')  # a quote and the backslashes before it
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.depth = 0  # nesting inside the current record
+        self.in_string = False
+        self.escaped = False  # a block ended inside a string on an odd run of backslashes
+        self.record: list[bytes] | None = []  # None once the record is over the limit
+        self.size = 0
+        self.end = 0  # offset just past the array's closing b"]" in its block
+
+    def __call__(self, f) -> Iterator[tuple[bytes | None, str | None]]:
+        started = False
+        for data in _blocks(f):
+            start = 0
+            if not started:  # the caller saw that the first non-blank byte is b"["
+                start = data.find(b"[") + 1
+                started = start > 0
+                if not started:
+                    continue
+            if (yield from self._scan(data, start)):
+                if data[self.end:].strip() or any(b.strip() for b in _blocks(f)):
+                    yield None, "invalid_json"  # something after the array: not JSON
+                return
+        yield None, "truncated_json"
+
+    def _scan(self, data: bytes, i: int):
+        """Yield the records that end in `data` (from offset i); return True at the array's end."""
+        start = i  # where the current record's bytes in this block begin
+        while i < len(data):
+            if self.in_string:
+                i = self._skip_string(data, i)
+                continue
+            m = self.TOKEN.search(data, i)
+            if m is None:
+                break
+            c, i = data[m.start()], m.end()
+            if c == ord('"'):
+                self.in_string = True
+            elif c in b"[{":
+                self.depth += 1
+            elif self.depth:  # inside a record: only nesting matters
+                if c != ord(","):
+                    self.depth -= 1
+            elif c in b",]":  # the end of a record
+                self._add(data, start, m.start())
+                yield self._take()
+                start = i
+                if c == ord("]"):
+                    self.end = i
+                    return True
+        self._add(data, start, len(data))
+        return False
+
+    def _skip_string(self, data: bytes, i: int) -> int:
+        if self.escaped:
+            self.escaped = False
+            return i + 1
+        m = self.STRING_END.search(data, i)
+        if m is None:
+            j = len(data)
+            while j > i and data[j - 1] == ord("\\"):
+                j -= 1
+            self.escaped = (len(data) - j) % 2 == 1
+            return len(data)
+        self.in_string = (m.end() - m.start()) % 2 == 0  # an odd run of backslashes escapes it
+        return m.end()
+
+    def _add(self, data: bytes, start: int, end: int) -> None:
+        if self.record is None:
+            return
+        self.size += end - start
+        if self.size > self.limit:
+            self.record = None
+        else:
+            self.record.append(data[start:end])
+
+    def _take(self) -> tuple[bytes | None, str | None]:
+        record, self.record, self.size = self.record, [], 0
+        return (None, "too_long") if record is None else (b"".join(record), None)
+
+
+def read_json_rows(url: str, text_field: str, max_line_bytes: int) -> Iterator[Row]:
     with fsspec.open(url, "rb", compression="infer") as f:
         head = f.read(1 << 16)
-        is_array = head.lstrip()[:1] == b"["
+        is_array = head.lstrip()[:1] == b"["  # a .json file holding one array of records
         f.seek(0)
-        if is_array:  # a .json file holding one array of records
-            records = json.load(f)
-            for row, rec in enumerate(records):
-                yield row, *_json_record_text(rec, text_field)
-            return
-        for row, raw in enumerate(f):
-            if not raw.strip():
-                continue  # blank lines separate nothing in JSON Lines; not a record
-            line = _decode(raw)
-            if line is None:
-                yield row, None, "invalid_utf8"
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                yield row, None, "invalid_json"
-                continue
-            yield row, *_json_record_text(rec, text_field)
+        records = JsonArrayRecords(max_line_bytes)(f) if is_array else read_lines(f, max_line_bytes)
+        for row, (raw, reason) in enumerate(records):
+            if reason:
+                yield row, None, reason
+            elif raw.strip():  # blank lines separate nothing in JSON Lines; not a record
+                yield row, *_parse_json_record(raw, text_field)
 
 
-def _json_record_text(rec: object, text_field: str) -> tuple[str | None, str | None]:
+def _parse_json_record(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
+    line = _decode(raw)
+    if line is None:
+        return None, "invalid_utf8"
+    try:
+        rec = json.loads(line)
+    except RecursionError:
+        return None, "too_deep"
+    except ValueError:  # JSONDecodeError, or an integer past sys.get_int_max_str_digits()
+        return None, "invalid_json"
     if not isinstance(rec, dict) or text_field not in rec:
         return None, "missing_text"
     return _check_text(rec[text_field])
 
 
-def read_parquet_rows(url: str, text_field: str) -> Iterator[tuple[int, str | None, str | None]]:
+def read_parquet_rows(url: str, text_field: str) -> Iterator[Row]:
     with fsspec.open(url, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
@@ -198,28 +334,62 @@ def read_parquet_rows(url: str, text_field: str) -> Iterator[tuple[int, str | No
                 row += 1
 
 
-def read_text_rows(url: str, per_line: bool) -> Iterator[tuple[int, str | None, str | None]]:
+def read_text_rows(url: str, cfg: PrepareConfig) -> Iterator[Row]:
+    if not cfg.lines:
+        yield from read_text_document(url)
+        return
     with fsspec.open(url, "rb", compression="infer") as f:
-        if not per_line:
-            text = _decode(f.read())
-            yield (0, None, "invalid_utf8") if text is None else (0, *_check_text(text))
-            return
-        for row, raw in enumerate(f):
-            line = _decode(raw.rstrip(b"\r\n"))
-            if line is None:
-                yield row, None, "invalid_utf8"
+        for row, (raw, reason) in enumerate(read_lines(f, cfg.max_line_bytes)):
+            line = None if reason else _decode(raw.rstrip(b"\r\n"))
+            if reason or line is None:
+                yield row, None, reason or "invalid_utf8"
             elif line.strip():  # blank lines are spacing, not documents
                 yield row, line, None
 
 
-def read_rows(url: str, cfg: PrepareConfig) -> Iterator[tuple[int, str | None, str | None]]:
+def read_text_document(url: str) -> Iterator[Row]:
+    """A whole .txt file as one document. A file of one block is read at once; a longer one
+    is read twice, in blocks: first to check it is UTF-8 holding some text (a document is
+    kept or skipped whole, so this is known before its first chunk), then for its text."""
+    with fsspec.open(url, "rb", compression="infer") as f:
+        head, more = f.read(READ_BLOCK), f.read(READ_BLOCK)
+        if not more:
+            text = _decode(head)
+            yield (0, None, "invalid_utf8") if text is None else (0, *_check_text(text))
+            return
+        reason = _text_problem(itertools.chain([head, more], _blocks(f)))
+    yield (0, None, reason) if reason else (0, _text_blocks(url), None)
+
+
+def _text_problem(blocks: Iterable[bytes]) -> str | None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    has_text = False
+    try:
+        for block in blocks:
+            text = decoder.decode(block)  # every block: a bad byte may come after the text
+            has_text = has_text or bool(text.strip())
+        decoder.decode(b"", final=True)  # a character cut off by the end of the file
+    except UnicodeDecodeError:
+        return "invalid_utf8"
+    return None if has_text else "empty_text"
+
+
+def _text_blocks(url: str) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")()  # keeps a character cut across blocks
+    with fsspec.open(url, "rb", compression="infer") as f:
+        for block in _blocks(f):
+            yield decoder.decode(block)
+    yield decoder.decode(b"", final=True)
+
+
+def read_rows(url: str, cfg: PrepareConfig) -> Iterator[Row]:
     """(row, text, skip_reason) for every record of one corpus file."""
     fmt = file_format(url)
     if fmt == "json":
-        return read_json_rows(url, cfg.text_field)
+        return read_json_rows(url, cfg.text_field, cfg.max_line_bytes)
     if fmt == "parquet":
         return read_parquet_rows(url, cfg.text_field)
-    return read_text_rows(url, cfg.lines)
+    return read_text_rows(url, cfg)
 
 
 # ---------------------------------------------------------------- chunking
@@ -232,6 +402,19 @@ def split_text(text: str, max_chars: int) -> list[str]:
     pieces, rest = _cut(text, max_chars)
     pieces.append(text[rest:])
     return [p for p in pieces if p.strip()]
+
+
+def split_stream(blocks: Iterable[str], max_chars: int) -> Iterator[str]:
+    """split_text's pieces of the text that `blocks` concatenate to, holding at most
+    `max_chars` plus one block: a cut depends only on the `max_chars` characters after it."""
+    text = ""
+    for block in blocks:
+        text += block
+        pieces, rest = _cut(text, max_chars)
+        yield from (p for p in pieces if p.strip())
+        text = text[rest:]
+    if text.strip():
+        yield text
 
 
 def _cut(text: str, max_chars: int) -> tuple[list[str], int]:
@@ -296,7 +479,9 @@ def prepare_file(url: str, rel_name: str, file_index: int, cfg: PrepareConfig) -
             skipped[reason] += 1
             continue
         documents += 1
-        for k, chunk in enumerate(split_text(text, cfg.max_chars)):
+        pieces = (split_text(text, cfg.max_chars) if isinstance(text, str)
+                  else split_stream(text, cfg.max_chars))
+        for k, chunk in enumerate(pieces):
             writer.add(f"{rel_name}:{row}:{k}", chunk, source)
     writer.flush()
     stats = {"file": url, "file_index": file_index, "source": source, "documents": documents,

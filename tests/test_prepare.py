@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
+import posixpath
 import random
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -11,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from miniplm import io
+from miniplm import io, prepare
 from miniplm.cli import user_message
-from miniplm.prepare import BadRecord, PrepareConfig, run_prepare, split_text
+from miniplm.prepare import INSTANCE_SCHEMA, BadRecord, PrepareConfig, run_prepare, split_text
 
 
 def read_instances(root) -> pa.Table:
@@ -175,3 +180,166 @@ def test_split_text_is_linear_and_keeps_its_cuts():
     assert time.perf_counter() - start < 2.0
     assert len(pieces) == 4883 and "".join(pieces) == text
 
+
+def read_parts(output, stats: dict) -> pa.Table:
+    tables = [pq.read_table(output / p["name"]) for p in stats["parts"]]
+    return pa.concat_tables(tables) if tables else INSTANCE_SCHEMA.empty_table()
+
+
+def test_txt_document_streams_in_blocks_with_the_cuts_of_the_whole(tmp_path, documents, monkeypatch):
+    """A one-document .txt file is read in blocks; its chunks and ids are those of split_text
+    on the whole text, with characters and paragraph breaks cut across blocks."""
+    text = ("\n\n".join(documents[:30]) + " déjà vu 日本語 🙂" * 40 + "x" * 1300
+            + "\n" * 1200 + "\t end \n\n")  # a hard cut, and a whitespace run that is dropped
+    (tmp_path / "book.txt").write_bytes(text.encode())
+    (tmp_path / "late.txt").write_bytes(text.encode() + b"\xff")  # bad byte after many blocks
+    (tmp_path / "blank.txt").write_bytes(b" \n\t" * 100)
+    monkeypatch.setattr(prepare, "READ_BLOCK", 7)
+    cfg = PrepareConfig(inputs=["x"], output=str(tmp_path / "o"), max_chars=500, rows_per_part=40)
+    stats = prepare.prepare_file(str(tmp_path / "book.txt"), "book.txt", 0, cfg)
+    expected = split_text(text, 500)
+    table = read_parts(tmp_path / "o", stats)
+    assert table["text"].to_pylist() == expected
+    assert table["id"].to_pylist() == [f"book.txt:0:{k}" for k in range(len(expected))]
+    assert stats["documents"] == 1 and stats["instances"] == len(expected) > 40
+    # a whole document is kept or skipped: a bad byte anywhere, or no text at all, skips it
+    late = prepare.prepare_file(str(tmp_path / "late.txt"), "late.txt", 1, cfg)
+    blank = prepare.prepare_file(str(tmp_path / "blank.txt"), "blank.txt", 2, cfg)
+    assert (late["skipped"], late["parts"]) == ({"invalid_utf8": 1}, [])
+    assert (blank["skipped"], blank["parts"]) == ({"empty_text": 1}, [])
+
+
+def test_line_over_max_line_bytes_is_skipped_as_too_long(tmp_path, monkeypatch):
+    long_doc = "y " * 600
+    write_jsonl(tmp_path / "web.jsonl", [{"text": "short"}, {"text": long_doc}, {"text": "after"}])
+    (tmp_path / "lines.txt").write_text(f"short\n{long_doc}\nafter")
+    monkeypatch.setattr(prepare, "READ_BLOCK", 64)  # the long line spans many blocks
+    cfg = PrepareConfig(inputs=["x"], output=str(tmp_path / "o"), max_line_bytes=1000, lines=True)
+    for i, name in enumerate(["web.jsonl", "lines.txt"]):
+        stats = prepare.prepare_file(str(tmp_path / name), name, i, cfg)
+        assert stats["skipped"] == {"too_long": 1}
+        assert read_parts(tmp_path / "o", stats)["id"].to_pylist() == [f"{name}:0:0", f"{name}:2:0"]
+        with pytest.raises(BadRecord, match=f"{name}, line 2: too long"):
+            prepare.prepare_file(str(tmp_path / name), name, i, dataclasses.replace(cfg, strict=True))
+    with pytest.raises(ValueError, match="max_line_bytes"):
+        PrepareConfig(inputs=["x"], output=str(tmp_path), max_line_bytes=0)
+
+
+def test_json_array_and_lines_read_in_any_block_size(tmp_path, documents, monkeypatch):
+    """Records split out of a JSON array by tracking strings and nesting, and JSON lines read
+    in blocks, are the records json.loads sees, wherever the blocks cut them."""
+    texts = [documents[0], 'quotes " and \\ backslashes \\', "ends on a backslash \\",
+             "brackets ] } [ { and , commas", "déjà 日本 🙂", documents[1][:300]]
+    records = [{"text": t, "meta": {"n": [i, {"x": "]"}], "s": "\\\""}} for i, t in enumerate(texts)]
+    (tmp_path / "a.json").write_text(json.dumps(records, indent=2))
+    (tmp_path / "b.json").write_text(json.dumps(records, ensure_ascii=False))
+    write_jsonl(tmp_path / "c.jsonl", records)
+    cfg = PrepareConfig(inputs=["x"], output=str(tmp_path / "o"), max_chars=10_000)
+    for block in (1, 2, 3, 7, 64, 1 << 20):
+        monkeypatch.setattr(prepare, "READ_BLOCK", block)
+        for name in ("a.json", "b.json", "c.jsonl"):
+            rows = list(prepare.read_rows(str(tmp_path / name), cfg))
+            assert rows == [(i, t, None) for i, t in enumerate(texts)], (name, block)
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    (tmp_path / "after.json").write_text('[{"text": "kept"}] [{"text": "lost"}]')
+    assert list(prepare.read_rows(str(tmp_path / "empty.json"), cfg)) == []
+    assert list(prepare.read_rows(str(tmp_path / "after.json"), cfg)) == [
+        (0, "kept", None), (1, None, "invalid_json")]
+
+
+DEEP = b'{"text": "deep", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+BAD_LINES = {  # one JSON line of each bad kind, and the reason it is counted under
+    "too_deep": DEEP,  # json.loads raises RecursionError
+    "invalid_unicode": rb'{"text": "a\ud800b"}',  # a lone surrogate: no UTF-8 for it
+    "invalid_json": b'{"text": "x", "n": ' + b"1" * 5000 + b"}",  # past int_max_str_digits
+    "invalid_utf8": b'{"text": "bad \xff bytes"}',
+    "too_long": b'{"text": "' + b"z" * 12_000 + b'"}',  # over max_line_bytes=10_000
+}
+
+
+@pytest.fixture()
+def bad_rows_corpus(tmp_path):
+    """A JSONL file with one row of each bad kind between good ones, and a JSON array with bad
+    records, cut off in its last record."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "rows.jsonl").write_bytes(b"\n".join([b'{"text": "good one"}', *BAD_LINES.values(),
+                                                  b'{"text": "good two"}']) + b"\n")
+    (root / "array.json").write_bytes(b'[{"text": "first"}, {"text": "s\\udc00"}, {not json}, '
+                                      + DEEP + b', {"text": "last whole"}, {"text": "cut he')
+    return root
+
+
+def test_every_bad_row_kind_is_counted(bad_rows_corpus, tmp_path, ray_session):
+    manifest = run_prepare(PrepareConfig(inputs=[str(bad_rows_corpus)], output=str(tmp_path / "o"),
+                                         max_line_bytes=10_000))
+    assert manifest["skipped"] == {"invalid_json": 2, "invalid_unicode": 2, "invalid_utf8": 1,
+                                   "too_deep": 2, "too_long": 1, "truncated_json": 1}
+    table = read_instances(tmp_path / "o")
+    assert sorted(zip(table["id"].to_pylist(), table["text"].to_pylist())) == [
+        ("array.json:0:0", "first"), ("array.json:4:0", "last whole"),
+        ("rows.jsonl:0:0", "good one"), ("rows.jsonl:6:0", "good two")]
+
+
+def test_strict_names_file_and_line_of_each_bad_kind(tmp_path):
+    cfg = PrepareConfig(inputs=["x"], output=str(tmp_path / "o"), strict=True, max_line_bytes=10_000)
+    for reason, line in BAD_LINES.items():
+        path = tmp_path / f"{reason}.jsonl"
+        path.write_bytes(b'{"text": "fine"}\n' + line + b"\n")
+        with pytest.raises(BadRecord, match=f"{reason}.jsonl, line 2: {reason.replace('_', ' ')}$"):
+            prepare.prepare_file(str(path), path.name, 0, cfg)
+    (tmp_path / "cut.json").write_bytes(b'[{"text": "fine"}, {"text": "cut')
+    with pytest.raises(BadRecord, match="cut.json, line 2: truncated json$"):
+        prepare.prepare_file(str(tmp_path / "cut.json"), "cut.json", 0, cfg)
+
+
+RSS_SCRIPT = """
+import json, pathlib, resource, sys
+from miniplm.prepare import PrepareConfig, expand_inputs, prepare_file, relative_names
+cfg = PrepareConfig(inputs=[sys.argv[1]], output=sys.argv[2], rows_per_part=100)
+urls = expand_inputs(cfg.inputs)
+warm = pathlib.Path(sys.argv[3])
+warm.write_text('{"text": "warm up"}\\n')
+prepare_file(str(warm), "warm.jsonl", 99, cfg)  # Arrow's pool and the Parquet writer start once
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+stats = [prepare_file(u, r, i, cfg) for i, (u, r) in enumerate(zip(urls, relative_names(urls)))]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024, "stats": stats}))
+"""
+
+
+@pytest.mark.slow
+def test_big_files_are_read_in_bounded_memory(bad_rows_corpus, documents, tmp_path):
+    """150 MB of input in one process: a 50 MB one-line JSONL document (skipped, over the
+    default 8 MB max_line_bytes, never held) and a 100 MB one-document .txt file (streamed and
+    chunked), beside one row of each bad kind. Peak RSS stays within 64 MB of the RSS after
+    imports and a warm-up file: one 1 MiB block, up to max_line_bytes of a line, one part of
+    100 x 8192 characters with its Arrow copy (measured: +25 MB). Reading either big file
+    whole would take 100 MB or more on its own."""
+    mb = 1 << 20
+    with open(bad_rows_corpus / "huge.jsonl", "wb") as f:
+        f.write(b'{"text": "')
+        for _ in range(50):
+            f.write(b"word " * (mb // 5) + b"w" * (mb % 5))
+        f.write(b'"}\n{"text": "after the huge line"}\n')
+    prose = "\n\n".join(documents).encode()
+    block = (prose * (mb // len(prose) + 1))[:mb]
+    with open(bad_rows_corpus / "book.txt", "wb") as f:
+        for _ in range(100):
+            f.write(block)
+    result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(bad_rows_corpus), str(tmp_path / "o"),
+                             str(tmp_path / "warm.jsonl")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    stats = {posixpath.basename(s["file"]): s for s in report["stats"]}
+    assert stats["huge.jsonl"]["skipped"] == {"too_long": 1} and stats["huge.jsonl"]["documents"] == 1
+    assert stats["book.txt"]["documents"] == 1
+    assert stats["book.txt"]["instances"] >= 100 * mb // 8192
+    skipped = collections.Counter()
+    for s in report["stats"]:
+        skipped.update(s["skipped"])
+    assert skipped == {"invalid_json": 2, "invalid_unicode": 2, "invalid_utf8": 1, "too_deep": 2,
+                       "too_long": 1, "truncated_json": 1}  # the 12 kB line fits under 8 MB
+    print(f"peak RSS {report['peak_mb']:.0f} MB, after imports {report['base_mb']:.0f} MB")
+    assert report["peak_mb"] - report["base_mb"] < 64
