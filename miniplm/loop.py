@@ -130,20 +130,24 @@ def train_loop(loop_config: dict) -> None:
             loss_sum += losses.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    cfg.optim.grad_clip or float("inf"))
+        # (4,): total, LM, KL, gradient norm, as every rank sees them
+        stats = torch.cat([loss_sum / cfg.grad_accum, grad_norm.reshape(1).to(loss_sum)])
+        stats = mean_over_ranks(stats, world)
+        total, lm, kl, norm = stats.tolist()
+        if not all(math.isfinite(v) for v in (total, lm, kl, norm)):
+            # before the update: no checkpoint or metrics line holds this step, and every rank
+            # stops here alike (none is left waiting in a collective or at ray.train.report)
+            if rank == 0:
+                metrics.flush()  # the curve up to here, on object storage too
+            raise RuntimeError(diverged_message(step + 1, total, norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
         state["step"] = step + 1
         state["tokens"] += seq_tokens * cfg.grad_accum * world
-        loss_avg = loss_sum / cfg.grad_accum
-        if world > 1:
-            # SUM then divide: gloo has ReduceOp.AVG only since torch 2.8
-            torch.distributed.all_reduce(loss_avg, op=torch.distributed.ReduceOp.SUM)
-            loss_avg /= world
 
         now = time.perf_counter()
         dt, last_time = now - last_time, now
         tokens_per_s = seq_tokens * cfg.grad_accum * world / dt
-        total, lm, kl = loss_avg.tolist()
         row = {"step": state["step"], "tokens": state["tokens"],
                "flops": (student_fpt + teacher_fpt) * state["tokens"],
                "student_flops": student_fpt * state["tokens"], "teacher_flops": teacher_fpt * state["tokens"],
@@ -177,6 +181,25 @@ def train_loop(loop_config: dict) -> None:
         bar.close()
         metrics.flush()
         save_final(raw_model, cfg)
+
+
+def mean_over_ranks(values, world: int):
+    """Each value's mean over the DDP ranks. Every rank gets the very same numbers, so a
+    decision taken on them (stop on a non-finite loss) is taken by all ranks or by none."""
+    import torch
+
+    if world > 1:
+        # SUM then divide: gloo has ReduceOp.AVG only since torch 2.8
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        values /= world
+    return values
+
+
+def diverged_message(step: int, loss: float, grad_norm: float) -> str:
+    return (f"train: the run diverged at step {step}: loss {loss:.6g}, gradient norm {grad_norm:.6g} "
+            "(not finite); it stopped before that step's update, and no checkpoint holds it. A re-run "
+            "with the same settings resumes from the last checkpoint and diverges again: lower optim.lr "
+            "or lengthen optim.warmup_steps, and re-run with overwrite=true")
 
 
 def load_state(path: str) -> dict:

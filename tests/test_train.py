@@ -4,6 +4,7 @@ the final checkpoint is a standard HF model the score stage reads, bad configs f
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import kill_tree, ray_worker_pids, read_metrics, train_overrides, write_jsonl
+from conftest import free_port, kill_tree, ray_worker_pids, read_metrics, train_overrides, write_jsonl
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from miniplm.config import load
@@ -143,6 +144,64 @@ def restores(rows: list[dict]) -> list[int]:
     restored = [r for r in rows if "resumed_from" in r]
     assert all(r["step"] == r["resumed_from"] + 1 for r in restored), restored
     return [r["resumed_from"] for r in restored]
+
+
+# a learning rate so large that the first update overflows the tiny model's weights
+DIVERGING = ["optim.lr=1e15", "optim.warmup_steps=1", "steps=8", "checkpoint_every=1", "keep_checkpoints=8"]
+
+
+@pytest.mark.timeout(300)
+def test_a_non_finite_loss_stops_every_rank_at_its_step_with_no_checkpoint_there(corpus, tokenizer_dir,
+                                                                                 tmp_path):
+    """After one update with that learning rate the loss is NaN. The DDP ranks stop at that step
+    (none is left waiting in a collective: the run ends), before its update, with one line naming
+    the step and the loss; no checkpoint or metrics line holds it, the earlier ones stay."""
+    import ray.train
+
+    out = tmp_path / "diverged"
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
+        run_train(config(corpus, tokenizer_dir, out, *DIVERGING, "num_workers=2", "cpus_per_worker=0.5",
+                         "micro_batch=4"))
+    # the ranks Ray Train saw fail before it tore the group down (one or both): each with the message
+    errors = {str(e) for e in failed.value.worker_failures.values()}
+    assert 0 in failed.value.worker_failures and len(errors) == 1, errors
+    (message,) = errors
+    match = re.search(r"^train: the run diverged at step (\d+): loss (nan|-?inf), ", message)
+    assert match and "\n" not in message, message
+    step = int(match[1])
+    assert step >= 2  # it trained a step or more before: there are checkpoints to keep
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, step))
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    saved = sorted({int(s) for s in re.findall(r"step-(\d{8})", registered_checkpoints(out))})
+    assert saved == list(range(1, step)) and not list(out.glob(f"ray/**/step-{step:08d}"))
+    assert not (out / "final").exists() and not (out / "_done.json").exists()
+
+
+AGREE = """
+import json, sys, torch, torch.distributed as dist
+from miniplm.loop import mean_over_ranks
+rank, port = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+nan, inf = float("nan"), float("inf")
+# (total, LM, KL, gradient norm) of each rank: rank 1's batch overflowed; then rank 0's gradient
+for mine in ([[6.0, 6.0, 0.0, 0.5], [nan, nan, 0.0, nan]], [[6.0, 6.0, 0.0, inf], [6.1, 6.1, 0.0, 0.5]]):
+    print(json.dumps(mean_over_ranks(torch.tensor(mine[rank]), 2).tolist()))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_one_ranks_non_finite_loss_reaches_every_rank():
+    """The stop is decided on values all DDP ranks share (real gloo, two processes): a NaN loss
+    or an infinite gradient norm on one rank is seen by both, so both stop at the same step."""
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(rank), port], stdout=subprocess.PIPE,
+                              text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=100)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and outputs[0] == outputs[1], outputs
+    loss_nan, norm_inf = (json.loads(line) for line in outputs[0].splitlines())
+    assert math.isnan(loss_nan[0]) and math.isnan(loss_nan[3]) and loss_nan[2] == 0.0
+    assert norm_inf[:3] == pytest.approx([6.05, 6.05, 0.0]) and math.isinf(norm_inf[3])
 
 
 def test_bad_configs_fail_before_work(corpus, tokenizer_dir, tmp_path):
