@@ -220,8 +220,16 @@ def claim_output(root: str, job: dict, *, overwrite: bool, what: str, inputs: It
     settings is refused (saying `remedy`) unless `overwrite`, which empties it."""
     check_apart(root, inputs)
     check_made_by(root, job["stage"])
-    with Lease(root, job["stage"]):
+    with hold(root, job["stage"]):
         yield _claim(root, job, overwrite=overwrite, what=what, remedy=remedy)
+
+
+def hold(root: str, stage: str, wait: bool = False) -> Lease:
+    """`root`'s lease for this run, taken (or waited for); use it in a `with` block. An output
+    that cannot be written fails here with one clear message."""
+    lease = Lease(root, stage)
+    with writing(root):
+        return lease.wait() if wait else lease.acquire()
 
 
 def _claim(root: str, job: dict, *, overwrite: bool, what: str, remedy: str) -> bool:

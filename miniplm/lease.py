@@ -27,6 +27,9 @@ HEARTBEAT_S = float(os.environ.get("MINIPLM_LEASE_HEARTBEAT_S", 30))
 STALE_AFTER_S = float(os.environ.get("MINIPLM_LEASE_STALE_S", 600))
 
 
+_HELD: set[str] = set()  # tokens of the leases this process holds now
+
+
 class OutputBusy(RuntimeError):
     """Another live run holds the output's lease."""
 
@@ -69,8 +72,10 @@ class Lease:
                 "started": self._started, "heartbeat": time.time()}
 
     def __enter__(self) -> "Lease":
-        if self._thread is not None:  # taken already (by `wait`)
-            return self
+        return self if self._thread is not None else self.acquire()  # (taken already by acquire/wait)
+
+    def acquire(self) -> "Lease":
+        """Take the lease, or raise OutputBusy naming the live run that holds it."""
         busy = self.try_acquire()
         if busy is not None:
             raise OutputBusy(f"{self.root} is in use by another run: {describe(busy)}. Wait for it to "
@@ -101,6 +106,7 @@ class Lease:
                 self.fs.rm(self.path)
             if not self._create():  # another run took it over in the meantime
                 return self.holder() or {}
+        _HELD.add(self.token)
         self._thread = threading.Thread(target=self._beat, name="miniplm-lease", daemon=True)
         self._thread.start()
         return None
@@ -109,9 +115,12 @@ class Lease:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        holder = self.holder()
-        if holder and holder.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
+        _HELD.discard(self.token)
+        # a lease that cannot be removed (the disk turned read-only, say) is left behind: the
+        # next run sees its holder gone, and the error that ended this run stays the one shown
+        with contextlib.suppress(OSError):
+            holder = self.holder()
+            if holder and holder.get("token") == self.token:
                 self.fs.rm(self.path)
 
     def holder(self) -> dict | None:
@@ -128,6 +137,8 @@ class Lease:
         if not holder:
             return False
         if holder.get("host") == socket.gethostname():
+            if int(holder["pid"]) == os.getpid():  # this process: live only while it holds it
+                return holder.get("token") in _HELD
             return _pid_alive(int(holder["pid"]), holder.get("pid_started"))
         return time.time() - float(holder.get("heartbeat", 0)) < STALE_AFTER_S
 

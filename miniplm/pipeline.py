@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from miniplm import demo_teacher, io
 from miniplm.config import describe, field, to_dict
 from miniplm.demo_teacher import BUILTIN
-from miniplm.lease import Lease
 from miniplm.models import PRESETS, is_tokenizer_dir
 from miniplm.train import KDSpec
 
@@ -296,7 +295,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run (or resume) the pipeline into `cfg.output`, which this run holds until it ends."""
     print(describe(cfg), flush=True)
     io.check_made_by(cfg.output, "run", marker="pipeline.json")
-    with Lease(cfg.output, "run"):
+    with io.hold(cfg.output, "run"):
         return _run_into(cfg)
 
 
@@ -370,6 +369,11 @@ def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
         if not os.path.exists(p("sample", io.MANIFEST)):
             step("sample corpus", p("sample", io.MANIFEST), write_sample_corpus,
                  p("sample"), max_bytes=cfg.corpus.sample_bytes)
+        made_with = io.read_json(p("sample", io.MANIFEST)).get("max_bytes")
+        if made_with != cfg.corpus.sample_bytes:  # another size is another corpus: never mix them
+            raise ValueError(f"corpus.sample_bytes: {cfg.output} holds a sample corpus of max_bytes {made_with}, "
+                             f"not {cfg.corpus.sample_bytes}. Remove the run folder, or give the run "
+                             "(`miniplm demo --output`, the YAML's `output`) another one.")
         inputs, heldout = [p("sample", "train")], heldout or [p("sample", "heldout")]
     if cfg.teacher.checkpoint == BUILTIN:
         sample = p("sample", io.MANIFEST) if cfg.corpus.inputs == ["sample"] else None
@@ -389,8 +393,8 @@ def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
              cfg.reference.fraction, cfg.reference.seed, p("d_ref"), p("pool"))
 
     tokenizer = resolve_builtin(cfg.tokenizer) or p("tokenizer")
-    if not cfg.tokenizer and not os.path.exists(p("tokenizer", "tokenizer.json")):
-        step("train tokenizer", p("tokenizer", "tokenizer.json"), run_train_tokenizer,
+    if not cfg.tokenizer:  # reused when trained on the same pool with the same vocab_size
+        step("train tokenizer", p("tokenizer", io.MANIFEST), run_train_tokenizer,
              TokenizerConfig(instances=pool, output=p("tokenizer"), vocab_size=cfg.vocab_size))
     return {"pool": pool, "d_ref": p("d_ref"), "heldout": p("heldout"), "tokenizer": tokenizer}
 

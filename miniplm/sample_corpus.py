@@ -32,6 +32,8 @@ import platform
 import re
 import sysconfig
 
+from miniplm import io
+
 SHARE = {"docs": 0.40, "code": 0.35, "license": 0.15, "noise": 0.10}
 FILES_PER_SOURCE = 4
 ROOT_DISTRIBUTION = "miniplm"
@@ -176,10 +178,9 @@ def write_sample_corpus(out: str, *, max_bytes: int = 1_000_000, heldout_fractio
         sizes[source] = sum(len(t.encode()) for t in texts)
     _write_jsonl(os.path.join(out, "heldout", "docs.jsonl"), heldout, digest)
     sizes["heldout"] = sum(len(t.encode()) for t in heldout)
-    manifest = {"fingerprint": digest.hexdigest()[:16], "python": platform.python_version(),
+    manifest = {"fingerprint": digest.hexdigest()[:16], "python": platform.python_version(), "max_bytes": max_bytes,
                 "bytes": sizes, "copies_dropped": copies, "packages": packages}
-    with open(os.path.join(out, "_manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
+    io.write_manifest(out, manifest)  # last, whole or not at all: its presence means the corpus is complete
     print(f"sample corpus: {sum(sizes.values()):,} bytes from the Python {manifest['python']} standard "
           f"library and {len(packages)} base packages ({sum(copies.values())} copies of a text dropped: "
           f"{', '.join(f'{n} {s}' for s, n in copies.items() if n)}), fingerprint {manifest['fingerprint']}")

@@ -22,6 +22,7 @@ class TokenizerConfig:
     output: str = field(path=True, help="folder for the tokenizer (local path)")
     vocab_size: int = field(8192, help="vocabulary size, special tokens included")
     max_documents: int | None = field(None, help="learn from at most this many instances")
+    overwrite: bool = field(False, help="replace a tokenizer this stage made with other settings")
 
     def __post_init__(self):
         if self.vocab_size < 300:
@@ -42,16 +43,38 @@ def iter_texts(root: str, limit: int | None = None) -> Iterator[str]:
 
 
 def run_train_tokenizer(cfg: TokenizerConfig) -> str:
+    """Train and save the tokenizer (reused when this output holds one trained the same way)."""
+    from miniplm.io import read_instances_manifest
+
+    print(describe(cfg), flush=True)
+    job = {"stage": "train-tokenizer", "instances_fingerprint": read_instances_manifest(cfg.instances)["fingerprint"],
+           "vocab_size": cfg.vocab_size, "max_documents": cfg.max_documents}
+    with io.claim_output(cfg.output, job, overwrite=cfg.overwrite, what="a tokenizer",
+                         inputs=[cfg.instances]) as finished:
+        if finished:
+            print(f"train-tokenizer: {cfg.output} is already complete; nothing to do")
+            return cfg.output
+        _train_into(cfg)
+    return cfg.output
+
+
+def _train_into(cfg: TokenizerConfig) -> None:
+    import os
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    print(describe(cfg), flush=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
     tok.train_from_iterator(iter_texts(cfg.instances, cfg.max_documents), trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS).save_pretrained(cfg.output)
+    # saved aside, moved in, then the manifest: a killed save leaves no tokenizer that looks whole
+    staging = io.join(cfg.output, io.TMP, "tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS).save_pretrained(staging)
+    for name in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, name), os.path.join(cfg.output, name))
+    io.write_manifest(cfg.output, {"stage": "train-tokenizer", "vocab_size": tok.get_vocab_size(),
+                                   "config": {k: getattr(cfg, k) for k in ("instances", "vocab_size", "max_documents")}})
     print(f"train-tokenizer: {tok.get_vocab_size()} tokens -> {cfg.output}")
-    return cfg.output

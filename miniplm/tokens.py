@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from miniplm import io
 from miniplm.config import field
 from miniplm.encode import TextEncoder, text_encoder
-from miniplm.lease import Lease
 from miniplm.models import load_tokenizer, tokenizer_fingerprint
 
 PACKING = 2  # the packing format's version: a change makes every older cache a miss
@@ -96,7 +95,7 @@ def build_token_cache(data: DataSpec, tokenizer_path: str, cache_root: str) -> t
     if io.exists(io.join(root, io.MANIFEST)):
         return root, io.read_json(io.join(root, io.MANIFEST))
     # a run that needs the cache while another builds it waits for that one, then reuses it
-    with Lease(root, "tokens").wait():
+    with io.hold(root, "tokens", wait=True):
         if io.exists(io.join(root, io.MANIFEST)):
             return root, io.read_json(io.join(root, io.MANIFEST))
         return root, _build(data, instances, tokenizer_path, root)

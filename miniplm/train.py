@@ -20,7 +20,6 @@ from fsspec.core import url_to_fs
 
 from miniplm import __version__, io
 from miniplm.config import field
-from miniplm.lease import Lease
 from miniplm.models import PRESETS, ModelSpec, load_tokenizer_checked, model_config
 from miniplm.tokens import DataSpec, build_token_cache
 
@@ -227,7 +226,7 @@ def run_train(cfg: TrainConfig) -> dict:
     io.check_apart(cfg.output, [cfg.data.path, cfg.eval.data, cfg.model.tokenizer, cfg.model.config,
                                 cfg.kd.teacher if cfg.kd else None])
     io.check_made_by(cfg.output, "train", marker=RUN)
-    with Lease(cfg.output, "train"):
+    with io.hold(cfg.output, "train"):
         return _train_into(cfg, settings, hf_config)
 
 

@@ -114,8 +114,8 @@ def test_resume_after_kill_matches_clean_run(corpus_dir, tmp_path, ray_session):
                                       rows_per_part=40))
     # simulate the kill: only file 0 finished (its parts and marker), a stray tmp file left
     urls = prepare.expand_inputs(cfg.inputs)
-    io.claim_output(cfg.output, prepare.job_record(cfg, urls), overwrite=False, what="instances")
-    prepare.prepare_file(urls[0], "docs_a.jsonl", 0, cfg)
+    with io.claim_output(cfg.output, prepare.job_record(cfg, urls), overwrite=False, what="instances"):
+        prepare.prepare_file(urls[0], "docs_a.jsonl", 0, cfg)
     (tmp_path / "a" / io.TMP).mkdir(exist_ok=True)
     (tmp_path / "a" / io.TMP / "part-00001-00000.parquet.123").write_bytes(b"half")
     marker = tmp_path / "a" / prepare.DONE / "00000.json"

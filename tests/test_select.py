@@ -36,7 +36,8 @@ def scored(documents, tokenizer_dir, llama_dir, gpt2_eos_only_dir, tmp_path_fact
     write_jsonl(root / "raw" / "more.jsonl", [{"text": d} for d in documents[40:70]])
     run_prepare(PrepareConfig(inputs=[str(root / "raw")], output=str(root / "inst"),
                               max_chars=800, rows_per_part=30))
-    reference = save_tiny_model("llama", tokenizer_dir, root / "reference", seed=1, hidden=32, layers=1)
+    # (its own folder: a score table is never written into the model it scores with)
+    reference = save_tiny_model("llama", tokenizer_dir, root / "reference_model", seed=1, hidden=32, layers=1)
     for name, model in [("teacher", llama_dir), ("reference", reference), ("other_tok", gpt2_eos_only_dir)]:
         score(root / "inst", model, root / name)
     return root
