@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "MiniPLM on Ray: score a corpus with a teacher and a reference LM, keep the instances "
         "the teacher knows much better (Difference Sampling), pre-train students on them."))
     parser.add_argument("--version", action="version", version=f"miniplm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, _, help_text) in _stages().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -69,13 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     try:  # bad config fails before any work starts
         cfg, run = resolve(args)
     except ValueError as err:
+        if args.debug:
+            raise
         parser.error(f"{args.command}: {err}")
     try:
         run(cfg)
-    except (ValueError, OSError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 (a bug's traceback is kept below)
+        from miniplm.runtime import unwrap
+
+        if args.debug or not isinstance(unwrap(err), (ValueError, OSError, RuntimeError)):
+            raise
         print(f"miniplm {args.command}: error: {user_message(err)}", file=sys.stderr)
-        return 1
+        return exit_code(err)
     return 0
+
+
+def exit_code(err: BaseException) -> int:
+    """2 for what the user can fix in the command (a bad input, setting or output folder, a
+    held output), 1 for a run that failed while working (storage, a lost worker)."""
+    from miniplm.lease import OutputBusy
+    from miniplm.runtime import unwrap
+
+    inner = unwrap(err)
+    return 2 if isinstance(inner, (ValueError, FileNotFoundError, NotADirectoryError, OutputBusy)) else 1
 
 
 def resolve(args: argparse.Namespace) -> tuple[object, Callable]:

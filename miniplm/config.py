@@ -215,8 +215,15 @@ def load(cls: type, path: str | None = None, overrides: list[str] | None = None)
 
     values: dict = {}
     if path:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark else ""
+            raise ValueError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
     for assignment in overrides or []:

@@ -75,6 +75,22 @@ def _stale(scores_dir: str, model: str) -> bool:
     return io.read_json(job).get("model_fingerprint") != model_fingerprint(model)
 
 
+def task_name(path: str) -> str:
+    """The `task:` of an lm-eval task YAML. lm-eval's own tags (`!function utils.process_docs`)
+    are left to lm-eval: only the name is read here."""
+    import yaml
+
+    class TaskLoader(yaml.SafeLoader):
+        pass
+
+    TaskLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    with open(path) as f:
+        spec = yaml.load(f, Loader=TaskLoader)  # noqa: S506 (a SafeLoader that skips tags)
+    if not isinstance(spec, dict) or not spec.get("task"):
+        raise ValueError(f"{path}: an lm-eval task YAML needs a `task:` name")
+    return str(spec["task"])
+
+
 def run_lm_eval(model: str, tasks: list[str], device: str, limit: int | None) -> dict:
     """Zero-shot accuracy with lm-evaluation-harness's `hf` model on the local checkpoint.
     Local task YAML files run offline (their datasets can be local JSON files)."""
@@ -83,15 +99,13 @@ def run_lm_eval(model: str, tasks: list[str], device: str, limit: int | None) ->
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise RuntimeError("lm-eval tasks need the `eval` extra: pip install 'miniplm[eval]'") from err
-    import yaml
 
     names, include = [], []
     for task in tasks:
         if task == "paper":
             names += PAPER_TASKS
         elif task.endswith((".yaml", ".yml")):
-            with open(task) as f:
-                names.append(yaml.safe_load(f)["task"])
+            names.append(task_name(task))
             include.append(os.path.dirname(os.path.abspath(task)))
         else:
             names.append(task)

@@ -156,6 +156,11 @@ def run_report(cfg: ReportConfig) -> dict:
         if not len(run["curve"].flops):
             raise ValueError(f"{run['path']}: metrics.jsonl has no eval_loss; train with eval.data set")
     by_name = {r["name"]: r for r in runs}
+    for key in ("baseline", "treatment"):
+        name = getattr(cfg, key)
+        if name and name not in by_name:
+            raise ValueError(f"--{key} {name}: not one of the runs given ({', '.join(by_name)}); "
+                             "name a run by its folder name")
     base = by_name[cfg.baseline] if cfg.baseline else runs[0]
     treat = by_name[cfg.treatment] if cfg.treatment else (runs[1] if len(runs) > 1 else None)
     factor = compute_saving_factor(base["curve"], treat["curve"]) if treat else None

@@ -25,10 +25,17 @@ def init_ray(address: str | None = None) -> None:
 
 
 def unwrap(err: BaseException) -> BaseException:
-    """The error a Ray task or actor raised, out of Ray's wrappers."""
-    while isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None and err.cause is not err:
-        err = err.cause
-    return err
+    """The error a Ray task, actor or Ray Train worker raised, out of Ray's wrappers (a failed
+    worker group: the lowest rank's error)."""
+    from ray.train import WorkerGroupError
+
+    while True:
+        if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None and err.cause is not err:
+            err = err.cause
+        elif isinstance(err, WorkerGroupError) and err.worker_failures:
+            err = err.worker_failures[min(err.worker_failures)]
+        else:
+            return err
 
 
 def cluster_cpus() -> float:

@@ -168,6 +168,9 @@ def test_a_non_finite_loss_stops_every_rank_at_its_step_with_no_checkpoint_there
     (message,) = errors
     match = re.search(r"^train: the run diverged at step (\d+): loss (nan|-?inf), ", message)
     assert match and "\n" not in message, message
+    from miniplm.cli import user_message
+
+    assert user_message(failed.value) == message  # what the CLI prints: the one line, no traceback
     step = int(match[1])
     assert step >= 2  # it trained a step or more before: there are checkpoints to keep
     rows = read_metrics(out)
