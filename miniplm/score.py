@@ -82,6 +82,11 @@ class PartKillsWorker(RuntimeError):
     """A part was started `max_tries` times and its scoring worker died every time."""
 
 
+class LoadKillsWorker(RuntimeError):
+    """Scoring workers died loading the model `max_tries` times (Ray restarts a dead worker
+    without limit, so without this count a model that cannot load would be retried forever)."""
+
+
 def _tries_dir(output: str) -> str:
     return io.join(output, io.TMP, "tries")  # cleared when a run starts and when it finishes
 
@@ -89,14 +94,39 @@ def _tries_dir(output: str) -> str:
 def record_try(output: str, part: str) -> int:
     """Note that `part` is starting on a worker; returns how often it has started in this run.
     One small file per start, so workers on other machines count together."""
+    _start_marker(output, part)
+    return len(_tries(output, part))
+
+
+def _start_marker(output: str, what: str) -> str:
     import uuid
 
     fs, root = url_to_fs(_tries_dir(output))
-    marker = posixpath.join(root, f"{part}.{uuid.uuid4().hex}")
+    marker = posixpath.join(root, f"{what}.{uuid.uuid4().hex}")
     with io.writing(marker):  # the message names the part whose start could not be recorded
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(marker, b"")
-    return len(fs.glob(posixpath.join(root, f"{part}.*")))
+    return marker
+
+
+def _tries(output: str, what: str) -> list[str]:
+    fs, root = url_to_fs(_tries_dir(output))
+    return fs.glob(posixpath.join(root, f"{what}.*"))
+
+
+def record_load(output: str, workers: int, max_tries: int, model: str) -> str:
+    """Note that a worker starts loading the model; its marker is removed once the load
+    succeeds, so the markers left are loads in progress (at most `workers`, this one included)
+    or loads whose worker died. Stops the run when at least `max_tries` loads died."""
+    marker = _start_marker(output, "load")
+    died = len(_tries(output, "load")) - workers
+    if died >= max_tries:
+        raise LoadKillsWorker(
+            f"the scoring worker died {died} times while loading {model} (out of memory? a "
+            "checkpoint that crashes its process?). Nothing is lost: fix the cause (more memory per "
+            "worker, fewer workers per node) and re-run the same command to resume; allow more tries "
+            "with --max-tries.")
+    return marker
 
 
 class ScoreActor:
@@ -111,7 +141,7 @@ class ScoreActor:
 
     def __init__(self, model_path: str, *, device: str, dtype: str, max_length: int, stride: int,
                  batch_tokens: int, packing: str, trust_remote_code: bool, num_threads: int,
-                 instances: str, output: str, max_tries: int):
+                 instances: str, output: str, max_tries: int, workers: int):
         from concurrent.futures import ThreadPoolExecutor
 
         def load_scorer():
@@ -126,11 +156,21 @@ class ScoreActor:
             return SequenceScorer(model, max_length=max_length, stride=stride,
                                   batch_tokens=batch_tokens, prefix_id=prefix, packing=packing)
 
-        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
-        self.scorer = self.torch_thread.submit(load_scorer).result()
         self.instances, self.output, self.max_tries = instances, output, max_tries
+        self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        try:
+            loading = record_load(output, workers, max_tries, model_path)
+        except LoadKillsWorker as err:  # raised with the first part: Ray reports a task's error as
+            self.load_failure = err     # itself, an actor's __init__ error only inside its own text
+            return
+        self.load_failure = None
+        self.scorer = self.torch_thread.submit(load_scorer).result()
+        fs, path = url_to_fs(loading)
+        fs.rm(path)  # loaded: not a death
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.load_failure:
+            raise self.load_failure
         return pa.concat_tables(self.score_part(batch.slice(i, 1)) for i in range(batch.num_rows))
 
     def score_part(self, row: pa.Table) -> pa.Table:
@@ -225,7 +265,7 @@ def _score_into(cfg: ScoreConfig, instances: dict, provenance: dict, *, device: 
         except Exception as err:
             from miniplm.runtime import unwrap
 
-            if isinstance(unwrap(err), PartKillsWorker):
+            if isinstance(unwrap(err), (PartKillsWorker, LoadKillsWorker)):
                 raise unwrap(err) from None  # its message, not Ray's remote traceback
             raise
     return _finish(cfg, provenance, expected, time.time() - started)
@@ -246,7 +286,8 @@ def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype:
                                    batch_tokens=cfg.batch_tokens, packing=cfg.packing,
                                    trust_remote_code=cfg.trust_remote_code,
                                    num_threads=max(1, int(cfg.cpus_per_worker)),
-                                   instances=cfg.instances, output=cfg.output, max_tries=cfg.max_tries),
+                                   instances=cfg.instances, output=cfg.output, max_tries=cfg.max_tries,
+                                   workers=cfg.workers),
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         batch_size=1,
         batch_format="pyarrow",

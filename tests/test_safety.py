@@ -279,3 +279,87 @@ def test_prepare_notices_an_input_changed_since(tmp_path, documents, ray_session
     with pytest.raises(ValueError, match=r"made with different settings \(versions differ\)"):
         run_prepare(cfg)
     assert "already complete" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- messages, not tracebacks
+
+
+def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--config", str(missing)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{missing}: no such config file" in err and "Traceback" not in err
+    (tmp_path / "bad.yaml").write_text("data:\n  path: [unclosed\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(tmp_path / "bad.yaml")])
+    assert f"{tmp_path / 'bad.yaml'}, line 3: not valid YAML" in capsys.readouterr().err
+
+
+def test_an_unknown_report_baseline_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    runs = []
+    for name in ("vanilla", "miniplm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            json.dumps({"step": 1, "loss": 5.0, "eval_loss": 5.0, "flops": 1e9, "tokens": 100}) + "\n")
+        runs.append(str(tmp_path / name))
+    argv = ["report", *runs, "--baseline", "vanila", "--output", str(tmp_path / "report")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--baseline vanila: not one of the runs given (vanilla, miniplm)" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="--baseline vanila"):
+        main(["--debug", *argv])
+
+
+def test_an_lm_eval_task_yaml_with_function_tags_names_its_task(tmp_path):
+    from miniplm.evaluate import task_name
+
+    spec = tmp_path / "arc_local.yaml"
+    spec.write_text("task: arc_local\ndataset_path: json\nprocess_docs: !function utils.process_docs\n"
+                    "doc_to_text: !function utils.doc_to_text\n")
+    assert task_name(str(spec)) == "arc_local"
+    (tmp_path / "nameless.yaml").write_text("dataset_path: json\n")
+    with pytest.raises(ValueError, match="nameless.yaml: an lm-eval task YAML needs a `task:` name"):
+        task_name(str(tmp_path / "nameless.yaml"))
+
+
+def test_a_held_output_exits_2_naming_the_holder(instances, llama_dir, tmp_path, capsys):
+    from miniplm.lease import Lease
+
+    out = tmp_path / "scores"
+    with Lease(str(out), "score"):
+        assert main(["score", "--instances", str(instances), "--model", str(llama_dir), "--output", str(out)]) == 2
+    assert f"{out} is in use by another run: miniplm score, pid {os.getpid()}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- reuse keyed on what made it
+
+
+def test_a_tokenizer_is_reused_only_for_the_same_settings(instances, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
+
+    out = tmp_path / "tok"
+    run_train_tokenizer(TokenizerConfig(instances=str(instances), output=str(out), vocab_size=300))
+    assert len(AutoTokenizer.from_pretrained(out)) == 300
+    capsys.readouterr()
+    run_train_tokenizer(TokenizerConfig(instances=str(instances), output=str(out), vocab_size=300))
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"made with different settings \(vocab_size differ\)"):
+        run_train_tokenizer(TokenizerConfig(instances=str(instances), output=str(out), vocab_size=320))
+    run_train_tokenizer(TokenizerConfig(instances=str(instances), output=str(out), vocab_size=320, overwrite=True))
+    assert len(AutoTokenizer.from_pretrained(out)) == 320 and not (out / io.TMP).exists()
+
+
+def test_a_sample_corpus_of_another_size_is_not_reused(tmp_path):
+    from miniplm.pipeline import DEMO_CONFIG, Steps, load_pipeline, prepare_data
+    from miniplm.sample_corpus import write_sample_corpus
+
+    run = tmp_path / "run"
+    write_sample_corpus(str(run / "sample"), max_bytes=100_000)
+    cfg = load_pipeline(DEMO_CONFIG, [f"output={run}", "corpus.sample_bytes=150000"])
+    with pytest.raises(ValueError, match="corpus.sample_bytes: .* holds a sample corpus of max_bytes 100000, not 150000"):
+        prepare_data(cfg, Steps())
+    assert sorted(p.name for p in run.iterdir()) == ["sample"]  # nothing else was made

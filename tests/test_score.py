@@ -324,6 +324,10 @@ class KillerLlamaForCausalLM(LlamaForCausalLM):
     `config.kill_switch` exists: a document that takes its worker down, as an OOM kill would.\"\"\"
 
     def __init__(self, config):
+        deaths = getattr(config, "deaths_on_load", None)  # a folder: each file in it is one death
+        if deaths and os.listdir(deaths):
+            os.remove(os.path.join(deaths, sorted(os.listdir(deaths))[0]))
+            os._exit(1)  # the worker dies while loading the model, as an OOM kill would
         super().__init__(config)
         self.model.embed_tokens.register_forward_pre_hook(self._die_on_marker)
 
@@ -333,9 +337,10 @@ class KillerLlamaForCausalLM(LlamaForCausalLM):
 """
 
 
-def save_killer_model(tokenizer_dir, out, kill_switch):
+def save_killer_model(tokenizer_dir, out, kill_switch, deaths_on_load=None):
     """A tiny Llama shipped with its own modeling code (loaded with trust_remote_code) whose
-    process dies on the special token `<kill>` while `kill_switch` exists."""
+    process dies on the special token `<kill>` while `kill_switch` exists, and while loading
+    as long as the folder `deaths_on_load` holds a file (one file used up per death)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -346,6 +351,7 @@ def save_killer_model(tokenizer_dir, out, kill_switch):
                          pad_token_id=tok.pad_token_id)
     config.kill_token_id = tok.convert_tokens_to_ids("<kill>")
     config.kill_switch = str(kill_switch)
+    config.deaths_on_load = str(deaths_on_load) if deaths_on_load else None
     config.auto_map = {"AutoModelForCausalLM": "modeling_killer.KillerLlamaForCausalLM"}
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
@@ -386,6 +392,30 @@ def test_part_that_kills_its_worker_every_time_fails_naming_it_and_resumes_once_
     assert all((tmp_path / "run" / n).stat().st_mtime_ns == t for n, t in kept.items())
     assert resumed["rows"] == io.read_json(str(instances / io.MANIFEST))["instances"]
     assert_scores_equal_model_loss(read_table(tmp_path / "run"), instances, model_dir, trust_remote_code=True)
+
+
+@pytest.mark.timeout(400)
+def test_a_worker_that_dies_loading_the_model_is_retried_a_bounded_number_of_times(
+        instances, tokenizer_dir, tmp_path, ray_session):
+    deaths = tmp_path / "deaths"
+    deaths.mkdir()
+    model_dir = save_killer_model(tokenizer_dir, tmp_path / "model", tmp_path / "no_switch", deaths_on_load=deaths)
+
+    def config(output):
+        return ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output),
+                           **SCORE_SETTINGS, trust_remote_code=True, max_tries=2)
+
+    (deaths / "1").touch()  # one death on load (a transient OOM, a node lost): the run goes on
+    manifest = run_score(config(tmp_path / "once"))
+    assert not os.listdir(deaths) and manifest["rows"] == io.read_json(str(instances / io.MANIFEST))["instances"]
+    assert_scores_equal_model_loss(read_table(tmp_path / "once"), instances, model_dir, trust_remote_code=True)
+
+    for i in range(5):  # dies at every load: stopped after max_tries, naming the model
+        (deaths / str(i)).touch()
+    with pytest.raises(RuntimeError, match=rf"scoring worker died 2 times while loading {model_dir}"):
+        run_score(config(tmp_path / "always"))
+    assert len(os.listdir(deaths)) == 3  # 2 loads tried (max_tries), not forever
+    assert not list((tmp_path / "always").glob("part-*.parquet"))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
