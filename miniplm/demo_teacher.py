@@ -120,9 +120,14 @@ def build(workdir: str, output: str = ASSET) -> dict:
                      "transformers": transformers.__version__, "machine": platform.machine()},
         "files": {name: _sha256(os.path.join(output, name)) for name in FILES},
     }
-    with open(os.path.join(output, PROVENANCE), "w") as f:  # shipped: no _tmp/ folder beside it
+    # last, whole or not at all (a sibling file renamed: it ships, so no _tmp/ folder beside it)
+    staging = os.path.join(output, f".{PROVENANCE}.partial")
+    with open(staging, "w") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, os.path.join(output, PROVENANCE))
     print("\n" + step.table())
     print(f"built-in teacher written to {output}: model.safetensors sha256 {record['files']['model.safetensors']}")
     return record

@@ -180,9 +180,13 @@ def local_copy(url: str) -> str:
     root = os.path.join(staging, posixpath.basename(path))
     sources = sorted(files)  # a single file lands as `root`, a folder's files under it
     dests = [root if name == path else os.path.join(root, posixpath.relpath(name, path)) for name in sources]
-    for dest in dests:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fs.get(sources, dests)  # one call: async stores (s3fs, gcsfs) fetch the shards concurrently
+    try:
+        for dest in dests:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fs.get(sources, dests)  # one call: async stores (s3fs, gcsfs) fetch the shards concurrently
+    except BaseException:  # a failed download leaves nothing behind in the cache
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         os.rename(staging, os.path.dirname(target))
     except OSError:  # another process finished first: theirs is identical

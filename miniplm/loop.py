@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -215,11 +216,20 @@ def load_state(path: str) -> dict:
 def save_final(model, cfg: TrainConfig) -> None:
     """The trained model + its tokenizer as a standard HF checkpoint in OUTPUT/final."""
     final = io.join(cfg.output, "final")
-    with tempfile.TemporaryDirectory() as d, io.writing(final):
-        target = io.local_path(final) if io.is_local(final) else d
-        model.save_pretrained(target)
-        load_tokenizer(cfg.model.tokenizer).save_pretrained(target)
-        if target == d:
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    with io.writing(final):
+        if io.is_local(final):  # saved beside it, then renamed: never half a checkpoint named final/
+            target = io.local_path(final)
+            staging = f"{target}.partial"
+            shutil.rmtree(staging, ignore_errors=True)  # a killed save's leftovers
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staging, target)
+            return
+        with tempfile.TemporaryDirectory() as d:  # elsewhere `_done.json`, written after, says it is whole
+            model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
             io.upload_dir(d, final)
 
 

@@ -10,12 +10,45 @@ from typing import Callable, Iterator
 import ray
 
 
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster to attach to does not answer."""
+
+
 def init_ray(address: str | None = None) -> None:
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        check_reachable(address)
         # Ray Data's per-operator progress bars flood a terminal; our stages draw their own.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         ray.init(address=address, logging_level=logging.WARNING)
+
+
+def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:
+    """Fail in seconds when the cluster Ray would attach to does not answer: `ray.init` retries a
+    dead cluster's address (one left behind by a `ray start` that was never stopped) for minutes
+    without a word."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address and (address == "local" or "://" in address):
+        return  # a fresh in-process Ray, or Ray Client, which reports its own errors
+    try:
+        target = canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 (no cluster found, a bad address: ray.init says so itself)
+        return
+    if target is None:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError:
+        found = ("given by --address / RAY_ADDRESS" if address else
+                 "found in the address file an earlier `ray start` left behind")
+        raise ClusterUnreachable(
+            f"the Ray cluster at {target} ({found}) does not answer. If it was stopped or crashed, run "
+            "`ray stop` to clear it, or pass --address local for a fresh in-process Ray; else check "
+            "that its head node is up and reachable from here") from None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

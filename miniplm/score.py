@@ -106,7 +106,7 @@ def _start_marker(output: str, what: str) -> str:
     with io.writing(marker):  # the message names the part whose start could not be recorded
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(marker, b"")
-    return marker
+    return fs.unstrip_protocol(marker)  # a URL: on object storage a bare path would name a local file
 
 
 def _tries(output: str, what: str) -> list[str]:
@@ -225,6 +225,7 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
                       f"{declared}: positions it never trained on score worse")
     stride = cfg.stride or max(1, max_length // 2)
     init_ray()
+    check_cpus_left(cfg.workers, cfg.cpus_per_worker)
     device = cfg.device
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
@@ -271,6 +272,21 @@ def _score_into(cfg: ScoreConfig, instances: dict, provenance: dict, *, device: 
     return _finish(cfg, provenance, expected, time.time() - started)
 
 
+TOKENIZE_CPUS = 0.5  # each tokenising task's reservation
+
+
+def check_cpus_left(workers: int, cpus_per_worker: float) -> None:
+    """Scoring actors hold their CPUs for the whole run: refuse a pool that leaves none for the
+    tasks that read and tokenise the parts (the run would wait forever, silently)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if workers * cpus_per_worker + TOKENIZE_CPUS > total:
+        raise ValueError(f"--cpus-per-worker: {workers} scoring worker(s) x {cpus_per_worker:g} CPUs leave "
+                         f"less than {TOKENIZE_CPUS:g} of the cluster's {total:g} CPUs for reading and "
+                         "tokenising the parts; lower --cpus-per-worker or --workers")
+
+
 def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype: str,
                       max_length: int, stride: int):
     import ray
@@ -278,7 +294,7 @@ def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype:
     items = [{"part": name, "url": io.join(cfg.instances, name)} for name in parts]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(tokenize_part, fn_kwargs={"encoder": text_encoder(cfg.model, cfg.trust_remote_code)},
-                        batch_size=1, batch_format="pyarrow", num_cpus=0.5)
+                        batch_size=1, batch_format="pyarrow", num_cpus=TOKENIZE_CPUS)
     return ds.map_batches(
         ScoreActor,
         fn_constructor_kwargs=dict(model_path=cfg.model, device=device, dtype=dtype,

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -363,3 +365,68 @@ def test_a_sample_corpus_of_another_size_is_not_reused(tmp_path):
     with pytest.raises(ValueError, match="corpus.sample_bytes: .* holds a sample corpus of max_bytes 100000, not 150000"):
         prepare_data(cfg, Steps())
     assert sorted(p.name for p in run.iterdir()) == ["sample"]  # nothing else was made
+
+
+def test_a_final_checkpoint_appears_whole_or_not_at_all(llama_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """The disk fills up after the weights are written and before the tokenizer: no `final/`
+    is left that a user or the pipeline's eval could take for a checkpoint."""
+    import types
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from miniplm.loop import save_final
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    cfg = types.SimpleNamespace(output=str(tmp_path / "run"), model=types.SimpleNamespace(tokenizer=str(tokenizer_dir)))
+    (tmp_path / "run").mkdir()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(PreTrainedTokenizerFast, "save_pretrained", disk_full)
+        with pytest.raises(io.StorageError, match="final: No space left on device"):
+            save_final(model, cfg)
+    assert not (tmp_path / "run" / "final").exists()
+    save_final(model, cfg)  # the re-run
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").num_parameters() == model.num_parameters()
+
+
+# ---------------------------------------------------------------- never hang silently
+
+
+@pytest.mark.parametrize("left_by", ["ray_address", "ray_start"])
+def test_a_dead_cluster_address_is_reported_in_seconds(left_by, corpus_dir, tmp_path):
+    """A cluster stopped uncleanly leaves its address behind; `ray.init` would retry it for
+    minutes without a word."""
+    from conftest import free_port
+
+    port = free_port()
+    dead = f"127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if left_by == "ray_address":
+        env["RAY_ADDRESS"] = dead
+    else:  # the address file `ray start` writes, in a Ray temp dir of this test's own
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+        env["RAY_TMPDIR"] = str(tmp_path)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "miniplm.cli", "prepare", str(corpus_dir), "--output",
+                           str(tmp_path / "inst")], env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert done.returncode == 1 and took < 60, (took, done.stderr[-2000:])
+    assert re.search(rf"the Ray cluster at [\d.]+:{port} \(.*\) does not answer", done.stderr), done.stderr[-2000:]
+    where = "given by --address / RAY_ADDRESS" if left_by == "ray_address" else "found in the address file"
+    assert where in done.stderr
+    assert "ray stop" in done.stderr and "--address local" in done.stderr
+
+
+def test_a_scoring_pool_that_leaves_no_cpu_for_reading_is_refused(instances, llama_dir, tmp_path, capsys):
+    """Four actors of half a CPU hold this 2-CPU cluster whole: the tasks that read and tokenise
+    the parts would never start, and the run would wait forever without a word."""
+    assert main(["score", "--instances", str(instances), "--model", str(llama_dir), "--output",
+                 str(tmp_path / "s"), "--workers", "4", "--cpus-per-worker", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "4 scoring worker(s) x 0.5 CPUs leave less than 0.5 of the cluster's 2 CPUs" in err
+    assert not list((tmp_path / "s").glob("part-*"))

@@ -251,7 +251,7 @@ def test_score_actor_runs_all_its_torch_work_on_one_thread(instances, llama_dir,
     try:
         actor = ScoreActor(str(llama_dir), device="cpu", dtype="float32", max_length=64, stride=32,
                            batch_tokens=512, packing="auto", trust_remote_code=False, num_threads=1,
-                           instances=str(instances), output=str(tmp_path / "scores"), max_tries=3)
+                           instances=str(instances), output=str(tmp_path / "scores"), max_tries=3, workers=1)
         with ThreadPoolExecutor(max_workers=1) as ray_data_caller:
             scored = ray_data_caller.submit(actor, row).result()
     finally:

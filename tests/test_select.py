@@ -190,11 +190,11 @@ def test_a_text_lands_on_the_same_side_of_the_split_wherever_it_sits(documents, 
     corpus (another package version, another order) or twice in one corpus stays on one side.
     Else a teacher trained on one machine's D_ref may have seen another machine's pool."""
     texts = documents[:30]
-    write_jsonl(tmp_path / "a" / "docs.jsonl", [{"text": t} for t in texts])
-    write_jsonl(tmp_path / "b" / "other-0.jsonl", [{"text": t} for t in texts[::-1] + ["new text"] + texts[:5]])
+    write_jsonl(tmp_path / "raw" / "a" / "docs.jsonl", [{"text": t} for t in texts])
+    write_jsonl(tmp_path / "raw" / "b" / "other-0.jsonl", [{"text": t} for t in texts[::-1] + ["new text"] + texts[:5]])
     sides = {}
     for name in ("a", "b"):
-        run_prepare(PrepareConfig(inputs=[str(tmp_path / name)], output=str(tmp_path / name / "inst"),
+        run_prepare(PrepareConfig(inputs=[str(tmp_path / "raw" / name)], output=str(tmp_path / name / "inst"),
                                   max_chars=100_000))
         split_instances(str(tmp_path / name / "inst"), 0.5, 1, str(tmp_path / name / "d_ref"),
                         str(tmp_path / name / "pool"))
@@ -213,6 +213,10 @@ def write_tied_tables(root, parts: int = 3, rows: int = 40) -> None:
     rng = np.random.default_rng(0)
     fp = io.RowSetHash(total=99, count=parts * rows)
     manifests = {"inst": [], "teacher": [], "reference": []}
+
+    def provenance(role):  # in the manifest and in every part, as the score stage writes them
+        return {"instances_fingerprint": fp.hexdigest(), "model_fingerprint": role, "tokenizer_fingerprint": "t"}
+
     all_ids = [f"doc{j:04d}" for j in rng.permutation(parts * rows)]
     for k in range(parts):
         name = f"part-{k:05d}.parquet"
@@ -225,13 +229,12 @@ def write_tied_tables(root, parts: int = 3, rows: int = 40) -> None:
         per_token = {"teacher": -1.0 - rng.integers(0, 3, rows), "reference": np.full(rows, -2.0)}
         for role in ("teacher", "reference"):
             table = pa.table({"id": ids, "n_tokens": n_tokens, "logprob": per_token[role] * n_tokens})
-            io.write_parquet(str(root / role / name), table.sort_by("id"))
+            io.write_parquet(str(root / role / name), table.sort_by("id"), metadata=provenance(role))
             manifests[role].append({"name": name, "rows": rows})
     io.write_json(str(root / "inst" / io.MANIFEST), {"fingerprint": fp.hexdigest(), "parts": manifests["inst"],
                                                      "instances": parts * rows})
     for role in ("teacher", "reference"):
-        io.write_json(str(root / role / io.MANIFEST), {"parts": manifests[role], "provenance": {
-            "instances_fingerprint": fp.hexdigest(), "model_fingerprint": role, "tokenizer_fingerprint": "t"}})
+        io.write_json(str(root / role / io.MANIFEST), {"parts": manifests[role], "provenance": provenance(role)})
 
 
 @pytest.mark.parametrize("kw", [dict(alpha=0.3), dict(alpha=0.55), dict(budget_tokens=900),
