@@ -14,11 +14,12 @@ from typing import Any
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
-          path: bool = False, keywords: tuple[str, ...] = (), **kw) -> Any:
+          path: bool = False, model: bool = False, keywords: tuple[str, ...] = (), **kw) -> Any:
     """A dataclass field carrying its command-line help (and optionally a positional flag).
-    `path=True` marks a local path or URL that `absolute_paths` resolves; `keywords` are values
-    of such a field that are names, not paths (`sample`, `teacher`)."""
-    meta = {"help": help, "flag": flag, "path": path, "keywords": keywords}
+    `path=True` marks a local path or URL that `absolute_paths` resolves; `model=True` a path
+    that may also be a Hugging Face Hub id (`miniplm.hub`), resolved before the config is built;
+    `keywords` are values of such a field that are names, not paths (`sample`, `teacher`)."""
+    meta = {"help": help, "flag": flag, "path": path or model, "model": model, "keywords": keywords}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -60,7 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+    return cls(**resolve_hub_ids(cls, {k: v for k, v in vars(ns).items() if k in names}))
+
+
+def resolve_hub_ids(cls: type, values: dict, prefix: str = "") -> dict:
+    """`values` with each `model=True` field that names a Hub id (and no local folder) replaced
+    by its snapshot folder: every check and every worker then sees a local checkpoint, whose
+    path names the commit."""
+    from miniplm import hub
+
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        value = out.get(f.name)
+        if f.metadata.get("model") and isinstance(value, str) and value not in f.metadata.get("keywords", ()) \
+                and hub.is_hub_id(value):
+            try:
+                out[f.name] = hub.resolve(value)
+            except ValueError as err:
+                raise ValueError(f"{prefix}{f.name}: {err}") from None
+    return out
 
 
 def absolute_path(value: str) -> str:
@@ -165,7 +184,7 @@ def build(cls: type, values: dict, prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    kwargs = resolve_hub_ids(cls, {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}, prefix)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field missing

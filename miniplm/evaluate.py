@@ -24,7 +24,8 @@ PAPER_TASKS = ["hellaswag", "lambada_openai", "winogrande", "openbookqa", "arc_e
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class EvalConfig:
-    model: str = field(path=True, help="checkpoint folder (HF save_pretrained layout)")
+    model: str = field(model=True, help="checkpoint: a folder (HF save_pretrained layout), a URL, or a "
+                                        "Hugging Face Hub id org/name[@revision]")
     data: str = field(path=True, help="held-out instances dataset")
     output: str = field(path=True, help="JSON file for the results (scores go to a folder beside it)")
     tasks: list[str] = field([], help="lm-eval tasks: names, local task YAML files, or `paper`")

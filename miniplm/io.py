@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from miniplm import hub
 from miniplm.lease import LEASE, Lease
 
 MANIFEST = "_manifest.json"
@@ -167,7 +168,7 @@ def local_copy(url: str) -> str:
     ask at once: each downloads into its own folder and the first rename wins."""
     fs, path = url_to_fs(url)
     if is_local(url):
-        return path
+        return hub.local_snapshot(path)  # a Hub snapshot this node's cache lacks: fetched here
     path = path.rstrip("/")
     files = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
     if not files:

@@ -11,7 +11,7 @@ import warnings
 
 from fsspec.core import url_to_fs
 
-from miniplm import io
+from miniplm import hub, io
 from miniplm.config import field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -41,7 +41,8 @@ PRESETS: dict[str, tuple[str, dict, int]] = {
 class ModelSpec:
     preset: str | None = field("tiny", help="named model shape (see PRESETS); or give `config`")
     config: str | None = field(None, path=True, help="HF config.json (or its folder) instead of a preset")
-    tokenizer: str | None = field(None, path=True, help="local tokenizer folder (save_pretrained layout)")
+    tokenizer: str | None = field(None, model=True, help="tokenizer: a folder (save_pretrained layout), a URL, "
+                                                         "or a Hugging Face Hub id org/name[@revision]")
 
 
 # ---------------------------------------------------------------- loading
@@ -112,7 +113,11 @@ def model_fingerprint(path: str) -> str:
                      if p.endswith((".safetensors", ".bin", ".pt")) and "training_args" not in p)
     if not weights:
         raise FileNotFoundError(f"--model {path}: no weight files (*.safetensors, *.bin)")
-    return io.hash_files_cached([fs.unstrip_protocol(p) for p in (posixpath.join(root, "config.json"), *weights)])
+    files = [posixpath.join(root, "config.json"), *weights]
+    blobs = hub.content_names(path, [posixpath.basename(p) for p in files])
+    if blobs:  # a Hub snapshot: its blobs are named by their content's hash, nothing to read
+        return io.hash_json(["hub-blobs", blobs])
+    return io.hash_files_cached([fs.unstrip_protocol(p) for p in files])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

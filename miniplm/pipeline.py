@@ -38,7 +38,7 @@ class CorpusSpec:
 
 @dataclasses.dataclass(kw_only=True)
 class ModelRun:
-    checkpoint: str | None = field(None, path=True, keywords=(BUILTIN,),
+    checkpoint: str | None = field(None, model=True, keywords=(BUILTIN,),
                                    help="an existing HF checkpoint, `builtin` (teacher: the demo's built-in one) "
                                         "or none (trained here)")
     preset: str = field("tiny", help="model preset when trained here")
@@ -64,7 +64,7 @@ class StudentSpec:
     corpus: str = field("refined", help="refined (MiniPLM), random (vanilla, same size) or full")
     preset: str | None = field("tiny", help="model preset")
     config: str | None = field(None, path=True, help="HF config.json instead of a preset")
-    tokenizer: str | None = field(None, path=True, help="tokenizer folder (default: the pipeline's)")
+    tokenizer: str | None = field(None, model=True, help="tokenizer folder or Hub id (default: the pipeline's)")
     tokens: int | None = field(None, help="training budget in tokens (or give steps)")
     steps: int | None = field(None, help="training budget in steps of train.batch_tokens (or give tokens)")
     seed: int = field(0, help="init and data order seed")
@@ -91,7 +91,7 @@ class TrainDefaults:
 class PipelineConfig:
     output: str = field(path=True, help="run folder for every stage's output")
     corpus: CorpusSpec = dataclasses.field(default_factory=CorpusSpec)
-    tokenizer: str | None = field(None, path=True, keywords=(BUILTIN,),
+    tokenizer: str | None = field(None, model=True, keywords=(BUILTIN,),
                                   help="tokenizer folder, `builtin` (the built-in teacher's) or none (trained on the pool)")
     vocab_size: int = field(2048, help="vocabulary of the tokenizer trained here")
     teacher: ModelRun = field(help="teacher: checkpoint or model to train")

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from miniplm import __version__, io
+from miniplm import __version__, hub, io
 from miniplm.config import describe, field, to_dict
 from miniplm.encode import text_encoder, tokenize_part
 from miniplm.io import read_instances_manifest
@@ -38,8 +38,10 @@ SCORE_SCHEMA = pa.schema([("id", pa.string()), ("n_tokens", pa.int64()), ("logpr
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class ScoreConfig:
     instances: str = field(path=True, help="instances dataset folder (from `miniplm prepare` or `select`)")
-    model: str = field(path=True, help="folder of a Hugging Face causal LM and its tokenizer (local path or "
-                            "fsspec URL; remote checkpoints are downloaded once per machine)")
+    model: str = field(model=True, help="a Hugging Face causal LM and its tokenizer: an existing local folder "
+                                        "(wins), a URL (s3://, gs://: downloaded once per machine), or a Hub "
+                                        "id org/name[@revision] resolved through the Hugging Face cache "
+                                        "(HF_HOME, HF_HUB_OFFLINE, HF_TOKEN)")
     output: str = field(path=True, help="folder for the score table (local path or fsspec URL)")
     max_length: int | None = field(None, help="context per forward pass (default: the model's)")
     stride: int | None = field(None, help="tokens each sliding window adds (default: max_length // 2)")
@@ -234,7 +236,8 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
            "instances_fingerprint": instances["fingerprint"],
            "max_length": max_length, "stride": stride, "dtype": dtype}
-    provenance = {"model": cfg.model, "instances": cfg.instances, **job, "version": __version__}
+    provenance = {"model": cfg.model, "model_hub": hub.describe(cfg.model), "instances": cfg.instances, **job,
+                  "version": __version__}
     with io.claim_output(cfg.output, job, overwrite=cfg.overwrite, what="a score table",
                          inputs=[cfg.instances, cfg.model]) as finished:
         if finished:

@@ -52,8 +52,8 @@ class EvalSpec:
 @dataclasses.dataclass(kw_only=True)
 class KDSpec:
     """Online token-level knowledge distillation (the paper's "vanilla KD" baseline)."""
-    teacher: str = field(path=True, keywords=("teacher",),
-                         help="teacher checkpoint folder or URL (with its tokenizer, which must be "
+    teacher: str = field(model=True, keywords=("teacher",),
+                         help="teacher checkpoint folder, URL or Hub id (with its tokenizer, which must be "
                               "the student's); in a pipeline, `teacher` names the pipeline's teacher")
     weight: float = field(0.5, help="KL share w: loss = (1 - w) * LM + w * KL(p_teacher || p_student)")
     temperature: float = field(1.0, help="softmax temperature tau of both models in the KL "
