@@ -53,7 +53,7 @@ class ModelRun:
 class SelectionSpec:
     alpha: float = field(0.5, help="fraction of instances kept")
     method: str = field("difference", help="difference, teacher, random or sample")
-    normalize: str = field("token", help="token or byte")
+    normalize: str = field("auto", help="token, byte, or auto (token when teacher and reference share a tokenizer)")
     temperature: float = field(1.0, help="sample method temperature")
     seed: int = field(0, help="seed of random/sample selection")
 

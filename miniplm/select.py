@@ -23,7 +23,8 @@ Methods (`score` is what is ranked; higher is kept):
               (Gumbel top-k): a softer selection that keeps more diversity
 `random` and `sample` draw from a hash of `seed:id`, so an instance's draw does not depend on
 its part or position. `|x|` is the token count (`--normalize token`, teacher and reference must
-share a tokenizer) or the UTF-8 byte count (`--normalize byte`, comparable across tokenizers).
+share a tokenizer) or the UTF-8 byte count (`--normalize byte`, comparable across tokenizers);
+`auto` picks by the tables' tokenizers.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class SelectConfig:
     budget_tokens: int | None = field(None, help="instead of alpha: keep the best instances up to "
                                                  "this many teacher tokens")
     method: str = field("difference", help="difference, teacher, random or sample")
-    normalize: str = field("token", help="per-token (same tokenizer) or per-byte log-likelihoods")
+    normalize: str = field("auto", help="token (per-token log-likelihoods: teacher and reference must share a "
+                                        "tokenizer), byte (per UTF-8 byte: any tokenizers), or auto (token when "
+                                        "the tables' tokenizers match, else byte; said which)")
     temperature: float = field(1.0, help="sample method: softmax temperature over scores")
     seed: int = field(0, help="random and sample methods: the random seed")
     dry_run: bool = field(False, help="print the selection summary, write nothing")
@@ -74,8 +77,8 @@ class SelectConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.normalize not in ("token", "byte"):
-            raise ValueError(f"normalize must be token or byte, got {self.normalize!r}")
+        if self.normalize not in ("auto", "token", "byte"):
+            raise ValueError(f"normalize must be auto, token or byte, got {self.normalize!r}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1] (the fraction of instances kept), got {self.alpha}")
         if self.budget_tokens is not None and self.budget_tokens < 0:
@@ -135,6 +138,19 @@ def select_job(cfg: SelectConfig, instances_fp: str, t_manifest: dict, r_manifes
     return {"stage": "select", "instances_fingerprint": instances_fp,
             "teacher": table_identity(t_manifest),
             "reference": table_identity(r_manifest) if r_manifest else None, **settings}
+
+
+def resolve_normalize(cfg: SelectConfig, t_manifest: dict, r_manifest: dict | None) -> SelectConfig:
+    """`auto` made concrete: per token where the tables' tokenizers match (or there is no
+    reference), per byte where they differ (a Qwen teacher, a Llama-tokenized reference)."""
+    if cfg.normalize != "auto":
+        return cfg
+    same = r_manifest is None or (t_manifest["provenance"].get("tokenizer_fingerprint")
+                                  == r_manifest["provenance"].get("tokenizer_fingerprint"))
+    unit = "token" if same else "byte"
+    print(f"select: normalize auto -> per {unit} (" + ("one tokenizer" if same else
+          "teacher and reference use different tokenizers") + ")", flush=True)
+    return dataclasses.replace(cfg, normalize=unit)
 
 
 def check_tokenizers(t_manifest: dict, r_manifest: dict, normalize: str) -> None:
@@ -509,6 +525,8 @@ def run_select(cfg: SelectConfig) -> dict:
     r_manifest = None
     if uses_reference(cfg):
         r_manifest = read_score_manifest(cfg.reference, "reference", inst_manifest)
+    cfg = resolve_normalize(cfg, t_manifest, r_manifest)
+    if r_manifest:
         check_tokenizers(t_manifest, r_manifest, cfg.normalize)
 
     if cfg.dry_run:  # writes nothing: no output to hold

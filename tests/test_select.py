@@ -308,10 +308,15 @@ def test_a_rescored_table_is_not_silently_reused(scored, llama_dir, tmp_path, ca
     assert rebuilt["tokens_kept"] == t.loc[list(expected)].n_tokens.sum()
 
 
-def test_tokenizer_mismatch_needs_byte_normalisation(scored, tmp_path):
+@pytest.mark.parametrize("normalize", ["byte", "auto"])
+def test_tokenizer_mismatch_needs_byte_normalisation(scored, tmp_path, normalize, capsys):
     with pytest.raises(ValueError, match="different tokenizers.*--normalize byte"):
-        select(scored, tmp_path, reference=str(scored / "other_tok"))
-    select(scored, tmp_path, reference=str(scored / "other_tok"), normalize="byte")
+        select(scored, tmp_path, reference=str(scored / "other_tok"), normalize="token")
+    # explicitly per byte, or by default (auto), which says which it used
+    manifest = select(scored, tmp_path, reference=str(scored / "other_tok"), normalize=normalize)
+    assert manifest["normalize"] == "byte"
+    if normalize == "auto":
+        assert "normalize auto -> per byte (teacher and reference use different tokenizers)" in capsys.readouterr().out
     t, r = table_df(scored / "teacher").set_index("id"), table_df(scored / "other_tok").set_index("id")
     n_bytes = table_df(scored / "inst").set_index("id").n_bytes
     score = ((t.logprob - r.logprob.loc[t.index]) / n_bytes.loc[t.index]).reset_index(name="s")
