@@ -21,6 +21,12 @@ def init_ray(address: str | None = None) -> None:
         # Ray Data's per-operator progress bars flood a terminal; our stages draw their own.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         ray.init(address=address, logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    # a task's own error (file, row, problem) reaches the driver as that error, not as a
+    # generic "UDF failed" whose message is only in a traceback
+    ctx.raise_original_map_exception = True
 
 
 def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:
@@ -49,12 +55,6 @@ def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:
             f"the Ray cluster at {target} ({found}) does not answer. If it was stopped or crashed, run "
             "`ray stop` to clear it, or pass --address local for a fresh in-process Ray; else check "
             "that its head node is up and reachable from here") from None
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    # a task's own error (file, row, problem) reaches the driver as that error, not as a
-    # generic "UDF failed" whose message is only in a traceback
-    ctx.raise_original_map_exception = True
 
 
 def unwrap(err: BaseException) -> BaseException:
