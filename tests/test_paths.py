@@ -45,6 +45,8 @@ def path_values(cfg, prefix=""):
 @pytest.mark.parametrize("command", sorted(STAGE_ARGS))
 def test_every_path_is_made_absolute_at_the_command_line(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for folder in ("ckpt/teacher", "work/tokenizer"):  # the user's checkpoints: a relative `org/name`
+        (tmp_path / folder).mkdir(parents=True)       # that is no folder here is a Hub id (test_hub.py)
     cfg, _ = resolve(build_parser().parse_args([command, *STAGE_ARGS[command]]))
     values = dict(path_values(cfg))
     assert values, "no path fields found"
