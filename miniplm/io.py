@@ -177,6 +177,7 @@ def local_copy(url: str) -> str:
     target = os.path.join(cache_dir(), "remote", hash_json([url, listing]), posixpath.basename(path))
     if os.path.exists(target):
         return target
+    clear_stale_partials(os.path.dirname(target))
     staging = f"{os.path.dirname(target)}.{uuid.uuid4().hex}.partial"
     root = os.path.join(staging, posixpath.basename(path))
     sources = sorted(files)  # a single file lands as `root`, a folder's files under it
@@ -193,6 +194,19 @@ def local_copy(url: str) -> str:
     except OSError:  # another process finished first: theirs is identical
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+STALE_PARTIAL_S = 24 * 3600  # older than any live download: left by a killed process
+
+
+def clear_stale_partials(folder: str) -> None:
+    """Remove the staging folders of downloads into `folder` that a killed process left."""
+    import glob
+    import time
+
+    for stale in glob.glob(f"{glob.escape(folder)}.*.partial"):
+        if time.time() - os.path.getmtime(stale) > STALE_PARTIAL_S:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _version_tag(info: dict):

@@ -142,3 +142,38 @@ def test_remote_checkpoints_download_once_and_again_when_changed(tmp_path, monke
     fs.pipe("/ckpt/shards/model.bin", b"new weights")  # rewritten in place: a new size
     changed = io.local_copy("memory://ckpt")
     assert changed != folder and (pathlib.Path(changed) / "shards" / "model.bin").read_bytes() == b"new weights"
+
+
+def test_a_download_leaves_no_partial_folder_behind(tmp_path, monkeypatch):
+    """A download that fails midway removes its staging folder; one a killed process left a day
+    ago is cleared by the next download of the same files, and a live one (recent) is kept."""
+    import glob
+    import time
+
+    monkeypatch.setenv("MINIPLM_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/dl/config.json", b'{"v": 1}')
+    fs.pipe("/dl/model.bin", b"weights")
+    get = type(fs).get
+
+    def fails_after_one_file(self, sources, dests, **kw):
+        get(self, sources[:1], dests[:1], **kw)
+        raise OSError(104, "Connection reset by peer")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "get", fails_after_one_file)
+        with pytest.raises(OSError, match="Connection reset"):
+            io.local_copy("memory://dl")
+    partials = str(tmp_path / "cache" / "remote" / "*.partial")
+    assert glob.glob(partials) == []
+
+    folder = io.local_copy("memory://dl")  # learn where its staging folders go
+    shutil.rmtree(folder)
+    killed, live = f"{pathlib.Path(folder).parent}.dead.partial", f"{pathlib.Path(folder).parent}.live.partial"
+    for staging in (killed, live):
+        os.makedirs(staging)
+    day_ago = time.time() - 25 * 3600
+    os.utime(killed, (day_ago, day_ago))
+    os.rmdir(pathlib.Path(folder).parent)
+    io.local_copy("memory://dl")
+    assert sorted(glob.glob(partials)) == [live]
