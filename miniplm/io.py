@@ -269,7 +269,7 @@ def _claim(root: str, job: dict, *, overwrite: bool, what: str, remedy: str) -> 
 
 def check_made_by(root: str, stage: str, marker: str = JOB) -> None:
     """Refuse a non-empty folder that `stage` did not make (its `marker` file says who did)."""
-    names = [n for n in list_names(root) if n not in (LEASE, TMP)]
+    names = [n for n in list_names(root) if not n.startswith(LEASE) and n != TMP]  # (a heartbeat's tmp too)
     if not names:
         return
     if marker in names:

@@ -3,7 +3,7 @@
 The lease names its holder (host, pid, stage, start) and carries a heartbeat that a thread
 refreshes while the run lives. A second run on a held output refuses at once, naming the
 holder. A lease whose holder is gone is taken over, and said so: a dead pid on this host, or,
-from another host, a heartbeat older than `stale_after` seconds. The lease is created with an
+from another host, a heartbeat older than STALE_AFTER_S (10 minutes; MINIPLM_LEASE_STALE_S). The lease is created with an
 exclusive write (O_EXCL on local disk, a conditional put on object stores that support it),
 so two runs starting together cannot both win.
 """
@@ -100,10 +100,11 @@ class Lease:
             holder = self.holder()
             if holder is not None and self.is_live(holder):
                 return holder
-            print(f"lease: {self.root} was held by a run that is gone ({describe(holder)}); taking it over",
-                  flush=True)
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self.path)
+            if holder is not None:  # (None: released since; nothing to take over)
+                print(f"lease: {self.root} was held by a run that is gone ({describe(holder)}); taking it over",
+                      flush=True)
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self.path)
             if not self._create():  # another run took it over in the meantime
                 return self.holder() or {}
         _HELD.add(self.token)
