@@ -76,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg)
     except Exception as err:  # noqa: BLE001 (a bug's traceback is kept below)
+        from ray.exceptions import RayError
+
         from miniplm.runtime import unwrap
 
-        if args.debug or not isinstance(unwrap(err), (ValueError, OSError, RuntimeError)):
+        if args.debug or not isinstance(unwrap(err), (ValueError, OSError, RuntimeError, RayError)):
             raise
         print(f"miniplm {args.command}: error: {user_message(err)}", file=sys.stderr)
         return exit_code(err)

@@ -239,6 +239,8 @@ def load(cls: type, path: str | None = None, overrides: list[str] | None = None)
                 values = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ValueError(f"{path}: no such config file") from None
+        except OSError as err:  # a folder, no permission
+            raise ValueError(f"{path}: cannot read the config file ({err.strerror or err})") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f", line {mark.line + 1}" if mark else ""

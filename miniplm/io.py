@@ -238,8 +238,9 @@ def claim_output(root: str, job: dict, *, overwrite: bool, what: str, inputs: It
     without `overwrite`); a folder another live run holds. A folder this stage made with other
     settings is refused (saying `remedy`) unless `overwrite`, which empties it."""
     check_apart(root, inputs)
-    check_made_by(root, job["stage"])
+    check_made_by(root, job["stage"])  # before the lease: nothing is written into a foreign folder
     with hold(root, job["stage"]):
+        check_made_by(root, job["stage"])  # again, held: another stage may have written it meanwhile
         yield _claim(root, job, overwrite=overwrite, what=what, remedy=remedy)
 
 

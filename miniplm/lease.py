@@ -160,11 +160,18 @@ class Lease:
             self.fs.pipe_file(self.path, data, mode="create")
         except FileExistsError:
             return False
+        except TypeError:  # an fsspec from before pipe_file's `mode`: check, then write
+            if self.fs.exists(self.path):
+                return False
+            self.fs.pipe_file(self.path, data)
         return True
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            holder = self.holder()
+            try:
+                holder = self.holder()
+            except OSError:  # a transient storage error: the next beat tries again
+                continue
             if not holder or holder.get("token") != self.token:
                 return  # taken over (this run was presumed dead): never write over the new holder
             data = json.dumps(self.record()).encode()

@@ -60,12 +60,13 @@ def check_reachable(address: str | None, timeout_s: float = 3.0) -> None:
 def unwrap(err: BaseException) -> BaseException:
     """The error a Ray task, actor or Ray Train worker raised, out of Ray's wrappers (a failed
     worker group: the lowest rank's error)."""
-    from ray.train import WorkerGroupError
+    import ray.train
 
+    worker_group_error = getattr(ray.train, "WorkerGroupError", ())  # Ray Train V2 only
     while True:
         if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None and err.cause is not err:
             err = err.cause
-        elif isinstance(err, WorkerGroupError) and err.worker_failures:
+        elif isinstance(err, worker_group_error) and err.worker_failures:
             err = err.worker_failures[min(err.worker_failures)]
         else:
             return err

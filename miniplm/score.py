@@ -279,12 +279,17 @@ TOKENIZE_CPUS = 0.5  # each tokenising task's reservation
 
 
 def check_cpus_left(workers: int, cpus_per_worker: float) -> None:
-    """Scoring actors hold their CPUs for the whole run: refuse a pool that leaves none for the
-    tasks that read and tokenise the parts (the run would wait forever, silently)."""
+    """Scoring actors hold their CPUs for the whole run: refuse a pool that fits the cluster but
+    leaves under one tokenising task's CPUs for reading the parts (the run would wait forever,
+    silently). A pool larger than the cluster is left to an autoscaler to make room for."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0)
-    if workers * cpus_per_worker + TOKENIZE_CPUS > total:
+    held = workers * cpus_per_worker
+    if held > total:
+        print(f"score: {workers} scoring worker(s) x {cpus_per_worker:g} CPUs need more than the cluster's "
+              f"{total:g} CPUs now: waiting for nodes to join (an autoscaler's)", flush=True)
+    elif held + TOKENIZE_CPUS > total:
         raise ValueError(f"--cpus-per-worker: {workers} scoring worker(s) x {cpus_per_worker:g} CPUs leave "
                          f"less than {TOKENIZE_CPUS:g} of the cluster's {total:g} CPUs for reading and "
                          "tokenising the parts; lower --cpus-per-worker or --workers")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -180,11 +181,19 @@ def check_part_provenance(table: pa.Table, root: str, name: str, role: str) -> N
     two models wrote into would otherwise pass as one)."""
     meta = table.schema.metadata or {}
     part = json.loads(meta[b"miniplm"]) if b"miniplm" in meta else {}
-    table_prov = io.read_json(io.join(root, io.MANIFEST)).get("provenance", {})
+    manifest = io.join(root, io.MANIFEST)
+    table_prov = _table_provenance(manifest, tuple(io.file_version(manifest)))
     differ = [k for k in PART_PROVENANCE if part.get(k) != table_prov.get(k)]
     if differ:
         raise ValueError(f"{role} table {root}: part {name} was scored with other settings than the table's "
                          f"manifest ({', '.join(differ)} differ): re-score it with --overwrite")
+
+
+@functools.lru_cache(maxsize=8)
+def _table_provenance(manifest: str, version: tuple) -> dict:
+    """A table manifest's provenance, read once per worker process and manifest version (it
+    lists every part: re-reading it for each part would be quadratic in the parts)."""
+    return io.read_json(manifest).get("provenance", {})
 
 
 def check_unique(table: pa.Table, what: str) -> None:

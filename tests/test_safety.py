@@ -297,6 +297,9 @@ def test_a_missing_config_file_is_one_line_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", str(tmp_path / "bad.yaml")])
     assert f"{tmp_path / 'bad.yaml'}, line 3: not valid YAML" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a folder given for the file
+        main(["train", "--config", str(tmp_path)])
+    assert f"{tmp_path}: cannot read the config file" in capsys.readouterr().err
 
 
 def test_an_unknown_report_baseline_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
