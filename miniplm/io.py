@@ -139,7 +139,12 @@ def write_parquet(url: str, table: pa.Table, metadata: dict | None = None) -> No
 def read_parquet_metadata(url: str) -> dict:
     """The `miniplm` provenance a part file was written with ({} when none)."""
     with fsspec.open(url, "rb") as f:
-        meta = pq.read_schema(f).metadata or {}
+        return provenance_of(pq.read_schema(f))
+
+
+def provenance_of(schema: pa.Schema) -> dict:
+    """The `miniplm` provenance in a Parquet schema's key-value metadata ({} when none)."""
+    meta = schema.metadata or {}
     return json.loads(meta[b"miniplm"]) if b"miniplm" in meta else {}
 
 

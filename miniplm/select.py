@@ -33,7 +33,6 @@ import bisect
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import time
 from fractions import Fraction
@@ -179,8 +178,7 @@ PART_PROVENANCE = ("model_fingerprint", "tokenizer_fingerprint", "instances_fing
 def check_part_provenance(table: pa.Table, root: str, name: str, role: str) -> None:
     """Refuse a part scored by another run than the one the manifest describes (a table that
     two models wrote into would otherwise pass as one)."""
-    meta = table.schema.metadata or {}
-    part = json.loads(meta[b"miniplm"]) if b"miniplm" in meta else {}
+    part = io.provenance_of(table.schema)
     manifest = io.join(root, io.MANIFEST)
     table_prov = _table_provenance(manifest, tuple(io.file_version(manifest)))
     differ = [k for k in PART_PROVENANCE if part.get(k) != table_prov.get(k)]
