@@ -1,11 +1,13 @@
-"""cluster/: the launcher YAML and KubeRay manifests parse, every RayJob entrypoint names a
-job in jobs/ with arguments its parser and config accept, and every local path a job names is
-mounted where the job runs: on the head, whose driver opens the model config, tokenizer and
-fingerprints, and on the workers."""
+"""cluster/: the launcher YAML passes Ray's config schema and the KubeRay manifests pass their
+CRDs' schemas (vendored in tests/data/kuberay/) with one Ray version that pyproject.toml allows;
+every RayJob entrypoint names a job in jobs/ with arguments its parser and config accept, and
+every local path a job names is mounted where the job runs: on the head, whose driver opens the
+model config, tokenizer and fingerprints, and on the workers."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import re
 import shlex
@@ -160,17 +162,6 @@ def test_runtime_env_installs_miniplm_dependencies_with_its_floors(name):
     assert {n: pip.get(n) for n in wanted} == wanted
 
 
-@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith(("raycluster", "rayjob"))],
-                         ids=lambda p: p.name)
-def test_kuberay_ray_version_meets_the_floor(path):
-    """The image's Ray is the one jobs get (a runtime env does not reinstall Ray)."""
-    ray = base_requirements()["ray"]
-    spec = yaml.safe_load(path.read_text())["spec"]
-    versions = set(re.findall(r"rayproject/ray:(\d+\.\d+\.\d+)", path.read_text()))
-    versions |= {spec.get("rayVersion") or spec["rayClusterSpec"]["rayVersion"]}
-    assert all(ray.specifier.contains(v) for v in versions), (versions, ray)
-
-
 @pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("ray") and
                                   yaml.safe_load(p.read_text()).get("kind") in ("RayCluster", "RayJob")],
                          ids=lambda p: p.name)
@@ -184,3 +175,219 @@ def test_kuberay_clusters_run_with_token_authentication(path):
     name = doc["metadata"]["name"]
     if doc["kind"] == "RayCluster":
         assert f"kubectl get secret {name} " in readme and f"svc/{name}-head-svc" in readme
+
+
+# --- Schema validation: what a cluster accepts, not only what parses ------------------------
+# The KubeRay CRDs' openAPIV3Schema, vendored in tests/data/kuberay/ (see its README for the
+# release), checked the way `kubectl apply --validate=strict` and the API server check them.
+
+KUBERAY = REPO / "tests" / "data" / "kuberay"
+CRD_SCHEMAS = {("ray.io/v1", "RayCluster"): "ray.io_rayclusters.v1.json",
+               ("ray.io/v1", "RayJob"): "ray.io_rayjobs.v1.json"}
+KUBERAY_DOCS = [(p, i) for p in MANIFESTS for i, d in enumerate(yaml.safe_load_all(p.read_text()))
+                if isinstance(d, dict) and str(d.get("apiVersion", "")).startswith("ray.io/")]
+# The keywords the vendored schemas use. A new KubeRay release that brings another one fails
+# test_vendored_schemas_use_only_handled_keywords until `strict` below learns what it means.
+HANDLED = {"type", "properties", "additionalProperties", "items", "required", "enum", "format",
+           "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
+           "anyOf", "default", "nullable", "x-kubernetes-int-or-string", "x-kubernetes-list-type",
+           "x-kubernetes-list-map-keys", "x-kubernetes-map-type", "x-kubernetes-validations",
+           "x-kubernetes-preserve-unknown-fields"}
+
+
+def object_meta(kind: str) -> dict:
+    """The root `metadata` (the CRD leaves it to the API server's ObjectMeta): the fields a
+    manifest sets, with KubeRay's name rule (ray-operator/controllers/ray/utils/validation.go:
+    a DNS-1035 label of at most 53 characters for a RayCluster, 47 for a RayJob, which adds a
+    suffix to name its cluster). Server-set fields (uid, resourceVersion, ...) are refused."""
+    strings = {"type": "object", "additionalProperties": {"type": "string"}}
+    return {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+                 "maxLength": {"RayCluster": 53, "RayJob": 47}[kind]},
+        "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+        "labels": strings, "annotations": strings,
+        "finalizers": {"type": "array", "items": {"type": "string"}}}}
+
+
+def strict(schema: dict) -> dict:
+    """An OpenAPI v3 structural schema as JSON Schema (Draft 7), with the API server's reading:
+    an object that lists its fields (or none) and does not say x-kubernetes-preserve-unknown-fields
+    takes no other field (the server would drop it silently; strict validation refuses it), and
+    null is allowed only where `nullable: true` says so (stricter than the server, which prunes
+    such nulls: a null in a manifest is an empty key left by mistake)."""
+    s = dict(schema)
+    if "properties" in s:
+        s["properties"] = {name: strict(sub) for name, sub in s["properties"].items()}
+    if isinstance(s.get("additionalProperties"), dict):
+        s["additionalProperties"] = strict(s["additionalProperties"])
+    if "items" in s:
+        s["items"] = strict(s["items"])
+    if "anyOf" in s:
+        s["anyOf"] = [strict(sub) for sub in s["anyOf"]]
+    if (s.get("type") == "object" and "additionalProperties" not in s
+            and not s.get("x-kubernetes-preserve-unknown-fields")):
+        s["additionalProperties"] = False
+    if s.pop("nullable", False):
+        s = {"type": [s["type"], "null"], **{k: v for k, v in s.items() if k != "type"}} \
+            if "type" in s else {"anyOf": [s, {"type": "null"}]}
+    return s
+
+
+def _list_type(validator, list_type, instance, schema):
+    """x-kubernetes-list-type: a `set` holds no item twice; a `map` no two items with the same
+    x-kubernetes-list-map-keys (a key left out counts as its default, e.g. a port's TCP)."""
+    import json
+
+    from jsonschema import ValidationError
+
+    if list_type not in ("set", "map") or not validator.is_type(instance, "array"):
+        return
+    fields = schema.get("items", {}).get("properties", {})
+    seen = set()
+    for item in instance:
+        if list_type == "set":
+            key = json.dumps(item, sort_keys=True)
+        elif isinstance(item, dict):
+            key = tuple((k, item.get(k, fields.get(k, {}).get("default")))
+                        for k in schema.get("x-kubernetes-list-map-keys", []))
+        else:
+            continue  # the items' own schema reports a non-object
+        if key in seen:
+            yield ValidationError(f"duplicate entry {key} in a list of type {list_type}")
+        seen.add(key)
+
+
+def _cel(validator, rules, instance, schema):
+    """x-kubernetes-validations are CEL rules, which no Python validator here evaluates. A rule
+    on `oldSelf` constrains updates only; any other rule on a field a manifest sets fails, so a
+    manifest cannot rely on a rule this test does not check (check it by hand, then teach it)."""
+    from jsonschema import ValidationError
+
+    for rule in rules:
+        if "oldSelf" not in rule["rule"]:
+            yield ValidationError(f"sets a field with a CEL rule this test cannot check: {rule['rule']}")
+
+
+@functools.cache
+def crd_validator(api_version: str, kind: str):
+    import json
+
+    from jsonschema import Draft7Validator, FormatChecker, validators
+
+    schema = strict(json.loads((KUBERAY / CRD_SCHEMAS[api_version, kind]).read_text()))
+    schema["properties"]["metadata"] = object_meta(kind)
+    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+    # OpenAPI's integer formats, as the API server checks them (date-time is only in `status`)
+    formats = FormatChecker(formats=())
+    formats.checks("int32")(lambda v: not isinstance(v, int) or -2**31 <= v < 2**31)
+    formats.checks("int64")(lambda v: not isinstance(v, int) or -2**63 <= v < 2**63)
+    cls = validators.extend(Draft7Validator, {"x-kubernetes-list-type": _list_type,
+                                              "x-kubernetes-validations": _cel})
+    return cls(schema, format_checker=formats)
+
+
+def schema_errors(doc: dict) -> list[str]:
+    """'<field path>: <what is wrong>' for each way a KubeRay manifest breaks its CRD schema."""
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key not in CRD_SCHEMAS:
+        return [f"apiVersion/kind {key}: no vendored CRD schema (have {sorted(CRD_SCHEMAS)})"]
+    errors = []
+    for error in crd_validator(*key).iter_errors(doc):
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        errors.append(f"{path.lstrip('.') or '<root>'}: {error.message}")
+    return sorted(errors)
+
+
+def test_vendored_schemas_use_only_handled_keywords():
+    import json
+
+    def keywords(schema: dict) -> set[str]:
+        found = set(schema)
+        subs = [*schema.get("properties", {}).values(), *schema.get("anyOf", []),
+                *(s for s in (schema.get("items"), schema.get("additionalProperties"))
+                  if isinstance(s, dict))]
+        return found.union(*map(keywords, subs))
+
+    for name in CRD_SCHEMAS.values():
+        assert keywords(json.loads((KUBERAY / name).read_text())) <= HANDLED, name
+
+
+@pytest.mark.parametrize("path,index", KUBERAY_DOCS, ids=[f"{p.name}#{i}" for p, i in KUBERAY_DOCS])
+def test_kuberay_manifest_passes_its_crd_schema(path, index):
+    names = {p.name for p, _ in KUBERAY_DOCS}
+    assert names >= {"raycluster.yaml", "rayjob-score.yaml", "rayjob-train.yaml"}
+    doc = list(yaml.safe_load_all(path.read_text()))[index]
+    assert schema_errors(doc) == []
+
+
+def test_crd_schema_refuses_what_a_cluster_would_drop_or_reject():
+    """A misspelled field fails, naming its path (a real cluster would drop it silently), as do
+    a wrong type, a value outside an enum, a duplicate container port and a name KubeRay refuses."""
+    import copy
+
+    job = yaml.safe_load((REPO / "cluster" / "rayjob-score.yaml").read_text())
+    assert schema_errors(job) == []
+    cases = [
+        (lambda d: d["spec"]["rayClusterSpec"].__setitem__("rayVerison", "2.60.0"),
+         "spec.rayClusterSpec: Additional properties are not allowed ('rayVerison' was unexpected)"),
+        (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+         .__setitem__("resource", {}),
+         "spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0]: "
+         "Additional properties are not allowed ('resource' was unexpected)"),
+        (lambda d: d["spec"].__setitem__("shutdownAfterJobFinishes", "yes"),
+         "spec.shutdownAfterJobFinishes: 'yes' is not of type 'boolean'"),
+        (lambda d: d["spec"]["rayClusterSpec"]["authOptions"].__setitem__("mode", "Token"),
+         "spec.rayClusterSpec.authOptions.mode: 'Token' is not one of"),
+        (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+         .__setitem__("ports", [{"containerPort": 8080}, {"containerPort": 8080, "protocol": "TCP"}]),
+         "spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].ports: duplicate entry"),
+        (lambda d: d["metadata"].__setitem__("name", "miniplm_score"),
+         "metadata.name: 'miniplm_score' does not match"),
+        (lambda d: d.__setitem__("kind", "RayJobs"), "apiVersion/kind ('ray.io/v1', 'RayJobs')"),
+    ]
+    for change, expected in cases:
+        bad = copy.deepcopy(job)
+        change(bad)
+        errors = schema_errors(bad)
+        assert any(e.startswith(expected) for e in errors), (expected, errors)
+
+
+def test_kuberay_pins_one_ray_version_that_pyproject_allows():
+    """The image's Ray is the one jobs get (a runtime env does not reinstall Ray): every Ray
+    container runs a rayproject/ray image tagged with one release, `rayVersion` (which KubeRay
+    uses to configure the cluster) names the same, and pyproject.toml's ray requirement allows it."""
+    def images(node) -> list[str]:
+        """Every `image:` under node: Ray containers, init containers, sidecars."""
+        if isinstance(node, list):
+            return [i for v in node for i in images(v)]
+        if not isinstance(node, dict):
+            return []
+        return [v for k, v in node.items() if k == "image"] + images(list(node.values()))
+
+    versions = {}
+    for path, index in KUBERAY_DOCS:
+        doc = list(yaml.safe_load_all(path.read_text()))[index]
+        cluster = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+        versions[f"{path.name}: rayVersion"] = cluster["rayVersion"]
+        for image in images(cluster):
+            tag = re.fullmatch(r"rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)(?:-[\w.-]+)?", image)
+            assert tag, f"{path.name}: {image} is not a rayproject/ray image pinned to a release"
+            versions[f"{path.name}: {image}"] = tag.group(1)
+    assert len(set(versions.values())) == 1, versions
+    ray = base_requirements()["ray"]
+    assert ray.specifier.contains(next(iter(versions.values()))), (versions, str(ray))
+
+
+def test_launcher_config_passes_rays_schema():
+    """`ray up` checks its config against the ray-schema.json that the installed Ray ships."""
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((pathlib.Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = yaml.safe_load((REPO / "cluster" / "ray-cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    config["node_types"] = config.pop("available_node_types")  # an unknown key is refused
+    with pytest.raises(jsonschema.ValidationError, match="node_types"):
+        jsonschema.validate(config, schema)
