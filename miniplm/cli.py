@@ -53,6 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="dotted override, e.g. --set selection.alpha=0.3 (repeatable)")
     run.add_argument("--address", help="Ray cluster to use")
+    run.add_argument("--dry-run", action="store_true", help="print the plan (see `miniplm plan`) and exit, "
+                                                           "doing no work")
+    run.add_argument("--tflops", type=float, default=200.0, help="with --dry-run: achieved TFLOP/s per GPU "
+                                                                 "for GPU-hours (default: 200)")
+    plan = sub.add_parser("plan", help="resolve and check a pipeline YAML, print its steps, FLOPs, GPU-hours "
+                                       "and disk; writes nothing",
+                          description="Resolve every input of a pipeline YAML (the one `miniplm run` takes) "
+                                      "without doing any work or writing anything: files listed and sized, model "
+                                      "configs and tokenizers read (never a Hub model's weights), the corpus's "
+                                      "tokens estimated from its first documents. Prints each step (runs or "
+                                      "reused), the teacher's and reference's forward FLOPs over the pool, the "
+                                      "students' training FLOPs, GPU-hours, disk, and every problem it sees, "
+                                      "naming its config key. Exit status 2 when a problem would fail the run.")
+    plan.add_argument("config", help="pipeline YAML (see miniplm/configs/demo.yaml, jobs/configs/pile-qwen.yaml)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="dotted override, as `miniplm run` takes it (repeatable)")
+    plan.add_argument("--address", help="Ray cluster the run will use (not contacted: local paths are "
+                                        "flagged, as every node of a multi-node cluster must see them)")
+    plan.add_argument("--tflops", type=float, default=200.0,
+                      help="achieved TFLOP/s per GPU for GPU-hours (default: 200, bf16 on an H100 at ~20%% "
+                           "of peak; measure yours with jobs/bench_score.py)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     demo = sub.add_parser("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
     demo.add_argument("--quick", action="store_true", help="a smoke version (a few minutes on 2 CPUs)")
     demo.add_argument("--with-kd", action="store_true", help="add a vanilla-KD student (the paper's "
@@ -65,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "plan" or getattr(args, "dry_run", False):
+        return plan(args, parser)
     if args.address:
         os.environ["RAY_ADDRESS"] = args.address
     try:  # bad config fails before any work starts
@@ -85,6 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miniplm {args.command}: error: {user_message(err)}", file=sys.stderr)
         return exit_code(err)
     return 0
+
+
+def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`miniplm plan` and `miniplm run --dry-run`: the plan printed; 2 when a problem would fail the run."""
+    from miniplm.plan import make_plan, render, to_json
+
+    if not args.tflops > 0:
+        parser.error(f"{args.command}: --tflops must be > 0, got {args.tflops}")
+    result = make_plan(args.config, args.overrides, tflops=args.tflops,
+                       address=args.address or os.environ.get("RAY_ADDRESS"))
+    print(to_json(result) if getattr(args, "json", False) else render(result), flush=True)
+    return result.exit_code
 
 
 def exit_code(err: BaseException) -> int:

@@ -10,7 +10,7 @@ import json
 import os
 import types
 import typing
-from typing import Any
+from typing import Any, Callable
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,
@@ -64,19 +64,21 @@ def from_namespace(cls: type, ns: argparse.Namespace) -> Any:
     return cls(**resolve_hub_ids(cls, {k: v for k, v in vars(ns).items() if k in names}))
 
 
-def resolve_hub_ids(cls: type, values: dict, prefix: str = "") -> dict:
+def resolve_hub_ids(cls: type, values: dict, prefix: str = "",
+                    resolver: Callable[[str], str] | None = None) -> dict:
     """`values` with each `model=True` field that names a Hub id (and no local folder) replaced
     by its snapshot folder: every check and every worker then sees a local checkpoint, whose
-    path names the commit."""
+    path names the commit. `resolver` (default `hub.resolve`) turns an id into that folder."""
     from miniplm import hub
 
+    resolver = resolver or hub.resolve
     out = dict(values)
     for f in dataclasses.fields(cls):
         value = out.get(f.name)
         if f.metadata.get("model") and isinstance(value, str) and value not in f.metadata.get("keywords", ()) \
                 and hub.is_hub_id(value):
             try:
-                out[f.name] = hub.resolve(value)
+                out[f.name] = resolver(value)
             except ValueError as err:
                 raise ValueError(f"{prefix}{f.name}: {err}") from None
     return out
@@ -151,18 +153,18 @@ def describe(cfg: Any) -> str:
 # ---------------------------------------------------------------- nested configs from YAML
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, resolver: Callable[[str], str] | None = None) -> Any:
     """Turn YAML / command-line values into the annotated type, naming the key on failure."""
     base, is_list = _base_type(tp)
     if value is None:
         return None
     if is_list:
         items = value if isinstance(value, list) else [value]
-        return [_coerce(v, base, f"{key}[{i}]") for i, v in enumerate(items)]
+        return [_coerce(v, base, f"{key}[{i}]", resolver) for i, v in enumerate(items)]
     if dataclasses.is_dataclass(base):
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        return build(base, value, prefix=f"{key}.")
+        return build(base, value, prefix=f"{key}.", resolver=resolver)
     if base is bool and isinstance(value, str):
         if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"{key}: expected true or false, got {value!r}")
@@ -177,14 +179,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def build(cls: type, values: dict, prefix: str = "") -> Any:
-    """A (nested) dataclass from a dict; unknown keys are an error naming the key."""
+def build(cls: type, values: dict, prefix: str = "", resolver: Callable[[str], str] | None = None) -> Any:
+    """A (nested) dataclass from a dict; unknown keys are an error naming the key. Hub ids are
+    resolved by `resolver` (default `hub.resolve`: the model's files, weights included)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = resolve_hub_ids(cls, {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}, prefix)
+    kwargs = resolve_hub_ids(cls, {k: _coerce(v, hints[k], prefix + k, resolver) for k, v in values.items()},
+                             prefix, resolver)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field missing
@@ -228,8 +232,14 @@ def set_dotted(values: dict, assignment: str) -> None:
     node[steps[-1]] = value
 
 
-def load(cls: type, path: str | None = None, overrides: list[str] | None = None) -> Any:
+def load(cls: type, path: str | None = None, overrides: list[str] | None = None,
+         resolver: Callable[[str], str] | None = None) -> Any:
     """A config from a YAML file (optional) plus dotted `key=value` overrides."""
+    return build(cls, load_values(path, overrides), resolver=resolver)
+
+
+def load_values(path: str | None = None, overrides: list[str] | None = None) -> dict:
+    """The plain values of a YAML file (optional) with dotted `key=value` overrides applied."""
     import yaml
 
     values: dict = {}
@@ -249,4 +259,4 @@ def load(cls: type, path: str | None = None, overrides: list[str] | None = None)
             raise ValueError(f"{path}: expected a mapping at the top level")
     for assignment in overrides or []:
         set_dotted(values, assignment)
-    return build(cls, values)
+    return values

@@ -14,6 +14,8 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w.
 SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
 # what scoring, training and tokenising read: configs, tokenizers, weights, shipped model code
 PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.py"]
+# what `miniplm plan` reads: configs and tokenizers, never weights
+CONFIG_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken"]
 
 
 def is_hub_id(name: str) -> bool:
@@ -21,20 +23,34 @@ def is_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name)) and not os.path.exists(os.path.expanduser(name))
 
 
-def resolve(name: str) -> str:
-    """The local snapshot folder of a Hub id (downloaded into the Hugging Face cache unless
-    HF_HUB_OFFLINE is set); a ValueError naming the id and the reason when it cannot be had."""
+def resolve(name: str, patterns: list[str] = PATTERNS) -> str:
+    """The local snapshot folder of a Hub id (its files matching `patterns` downloaded into the
+    Hugging Face cache unless HF_HUB_OFFLINE is set); a ValueError naming the id and the reason
+    when it cannot be had."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     match = HUB_ID.match(name)
     try:
-        return snapshot_download(match["repo"], revision=match["revision"], allow_patterns=PATTERNS)
+        return snapshot_download(match["repo"], revision=match["revision"], allow_patterns=patterns)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
         reason = str(err).split("\n")[0]
         raise ValueError(f"{name}: no such local folder, and as a Hugging Face Hub id it cannot be "
                          f"resolved ({type(err).__name__}: {reason}). Check the spelling, HF_TOKEN for a "
                          "gated model, or download it first (`hf download ...`) when HF_HUB_OFFLINE is set")
+
+
+def resolve_configs(name: str) -> str:
+    """`resolve` for a look before any work: the snapshot folder with the model's configs and
+    tokenizer files only (the weights stay where they are, downloaded by the run itself)."""
+    return resolve(name, CONFIG_PATTERNS)
+
+
+def offline() -> bool:
+    """Whether huggingface_hub may not download (HF_HUB_OFFLINE, as it read it at import)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def describe(path: str) -> dict | None:

@@ -291,6 +291,35 @@ def _split_into(manifest: dict, src: str, fraction: float, seed: int, inside: st
 # ---------------------------------------------------------------- the pipeline
 
 
+def step_markers(cfg: PipelineConfig) -> dict[str, str]:
+    """Every step this config makes the pipeline run, in order, each with the file whose presence
+    marks its output finished: the steps below are given these markers, and `miniplm plan` reads
+    the same ones to tell which steps a run would reuse."""
+    p = lambda *names: os.path.join(cfg.output, *names)  # noqa: E731
+    steps = {}
+    if cfg.corpus.inputs == ["sample"]:
+        steps["sample corpus"] = p("sample", io.MANIFEST)
+    steps["prepare corpus"] = p("instances", io.MANIFEST)
+    steps["prepare held-out set"] = p("heldout", io.MANIFEST)
+    if not cfg.reference.checkpoint:
+        steps["split D_ref"] = p("pool", io.MANIFEST)
+    if not cfg.tokenizer:
+        steps["train tokenizer"] = p("tokenizer", io.MANIFEST)
+    for role in ("teacher", "reference"):
+        if not getattr(cfg, role).checkpoint:
+            steps[f"train {role}"] = p(role, "_done.json")
+    for role in ("teacher", "reference"):
+        steps[f"score {role}"] = p("scores", role, io.MANIFEST)
+    for kind in ("refined", "random"):
+        if any(st.corpus == kind for st in cfg.students):
+            steps[f"select {kind}"] = p(kind, io.MANIFEST)
+    for st in cfg.students:
+        steps[f"train student {st.name}"] = p("students", st.name, "_done.json")
+        steps[f"eval student {st.name}"] = p("students", st.name, "eval.json")
+    steps["report"] = p(cfg.report, "report.json")
+    return steps
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run (or resume) the pipeline into `cfg.output`, which this run holds until it ends."""
     print(describe(cfg), flush=True)
@@ -312,20 +341,21 @@ def _run_into(cfg: PipelineConfig) -> dict:
     init_ray()
     step = Steps()
     p = lambda *names: os.path.join(out, *names)  # noqa: E731
+    marker = step_markers(cfg)
 
     data = prepare_data(cfg, step)
     pool, tokenizer = data["pool"], data["tokenizer"]
     models = {role: train_model(cfg, step, role, data) for role in ("teacher", "reference")}
 
     for role in ("teacher", "reference"):
-        step(f"score {role}", p("scores", role, io.MANIFEST), run_score,
+        step(f"score {role}", marker[f"score {role}"], run_score,
              ScoreConfig(instances=pool, model=models[role], output=p("scores", role),
                          workers=cfg.score_workers, cpus_per_worker=cfg.score_cpus, device=cfg.device))
     s = cfg.selection
     corpora = {"full": pool}
     for kind, method in (("refined", s.method), ("random", "random")):
         if any(st.corpus == kind for st in cfg.students):
-            step(f"select {kind}", p(kind, io.MANIFEST), run_select,
+            step(f"select {kind}", marker[f"select {kind}"], run_select,
                  SelectConfig(instances=pool, teacher=p("scores", "teacher"), reference=p("scores", "reference"),
                               output=p(kind), alpha=s.alpha, method=method, normalize=s.normalize,
                               temperature=s.temperature, seed=s.seed))
@@ -339,15 +369,15 @@ def _run_into(cfg: PipelineConfig) -> dict:
         train_cfg = _train_config(cfg, run_dir, corpora[st.corpus], st.tokenizer or tokenizer,
                                   st.preset, st.config, st.tokens, st.seed, eval_data=p("heldout"),
                                   steps=st.steps, kd=kd)
-        step(f"train student {st.name}", os.path.join(run_dir, "_done.json"), _train, train_cfg)
-        step(f"eval student {st.name}", os.path.join(run_dir, "eval.json"), _eval_once,
+        step(f"train student {st.name}", marker[f"train student {st.name}"], _train, train_cfg)
+        step(f"eval student {st.name}", marker[f"eval student {st.name}"], _eval_once,
              EvalConfig(model=os.path.join(run_dir, "final"), data=p("heldout"),
                         output=os.path.join(run_dir, "eval.json"), cpus_per_worker=cfg.score_cpus,
                         device=cfg.device))
 
     baseline = next((st.name for st in cfg.students if st.corpus != "refined"), cfg.students[0].name)
     treatment = next((st.name for st in cfg.students if st.corpus == "refined" and st.name != baseline), None)
-    summary = step("report", p(cfg.report, "report.json"), run_report,
+    summary = step("report", marker["report"], run_report,
                    ReportConfig(runs=[p("students", st.name) for st in cfg.students], output=p(cfg.report),
                                 baseline=baseline, treatment=treatment))
     if os.path.exists(p("refined", "report.json")):
@@ -364,10 +394,11 @@ def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
     from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
 
     p = lambda *names: os.path.join(cfg.output, *names)  # noqa: E731
+    marker = step_markers(cfg)
     inputs, heldout = cfg.corpus.inputs, cfg.corpus.heldout
     if inputs == ["sample"]:
-        if not os.path.exists(p("sample", io.MANIFEST)):
-            step("sample corpus", p("sample", io.MANIFEST), write_sample_corpus,
+        if not os.path.exists(marker["sample corpus"]):
+            step("sample corpus", marker["sample corpus"], write_sample_corpus,
                  p("sample"), max_bytes=cfg.corpus.sample_bytes)
         made_with = io.read_json(p("sample", io.MANIFEST)).get("max_bytes")
         if made_with != cfg.corpus.sample_bytes:  # another size is another corpus: never mix them
@@ -380,21 +411,21 @@ def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
         print("\n" + demo_teacher.describe(io.read_json(sample)["fingerprint"] if sample else None))
     if not heldout:
         raise ValueError("corpus.heldout: give held-out evaluation files (or use the sample corpus)")
-    step("prepare corpus", p("instances", io.MANIFEST), run_prepare,
+    step("prepare corpus", marker["prepare corpus"], run_prepare,
          PrepareConfig(inputs=inputs, output=p("instances"), max_chars=cfg.corpus.max_chars))
-    step("prepare held-out set", p("heldout", io.MANIFEST), run_prepare,
+    step("prepare held-out set", marker["prepare held-out set"], run_prepare,
          PrepareConfig(inputs=heldout, output=p("heldout"), max_chars=cfg.corpus.max_chars))
 
     # D_ref, held out from selection, trains the reference (when it is trained here)
     pool = p("instances")
     if not cfg.reference.checkpoint:
         pool = p("pool")
-        step("split D_ref", p("pool", io.MANIFEST), split_instances, p("instances"),
+        step("split D_ref", marker["split D_ref"], split_instances, p("instances"),
              cfg.reference.fraction, cfg.reference.seed, p("d_ref"), p("pool"))
 
     tokenizer = resolve_builtin(cfg.tokenizer) or p("tokenizer")
     if not cfg.tokenizer:  # reused when trained on the same pool with the same vocab_size
-        step("train tokenizer", p("tokenizer", io.MANIFEST), run_train_tokenizer,
+        step("train tokenizer", marker["train tokenizer"], run_train_tokenizer,
              TokenizerConfig(instances=pool, output=p("tokenizer"), vocab_size=cfg.vocab_size))
     return {"pool": pool, "d_ref": p("d_ref"), "heldout": p("heldout"), "tokenizer": tokenizer}
 
@@ -408,7 +439,7 @@ def train_model(cfg: PipelineConfig, step: Steps, role: str, data: dict[str, str
     out = os.path.join(cfg.output, role)
     train_cfg = _train_config(cfg, out, train_data, data["tokenizer"], run.preset, None, run.tokens, run.seed,
                               eval_data=data["heldout"])
-    step(f"train {role}", os.path.join(out, "_done.json"), _train, train_cfg)
+    step(f"train {role}", step_markers(cfg)[f"train {role}"], _train, train_cfg)
     return os.path.join(out, "final")
 
 

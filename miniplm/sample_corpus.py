@@ -36,6 +36,7 @@ from miniplm import io
 
 SHARE = {"docs": 0.40, "code": 0.35, "license": 0.15, "noise": 0.10}
 FILES_PER_SOURCE = 4
+HELDOUT_FRACTION = 0.1  # of max_bytes, as held-out documents
 ROOT_DISTRIBUTION = "miniplm"
 
 
@@ -164,7 +165,8 @@ def _read(path) -> str:
         return ""
 
 
-def write_sample_corpus(out: str, *, max_bytes: int = 1_000_000, heldout_fraction: float = 0.1) -> dict:
+def write_sample_corpus(out: str, *, max_bytes: int = 1_000_000,
+                        heldout_fraction: float = HELDOUT_FRACTION) -> dict:
     """Write `out/train/<source>-<k>.jsonl`, `out/heldout/docs.jsonl` and `out/_manifest.json`
     (byte counts, Python version, packages, and the fingerprint of the text); returns the manifest."""
     docs, heldout, packages, copies = gather(max_bytes, heldout_fraction)
