@@ -309,3 +309,16 @@ def llama_scores(instances, llama_dir, tmp_path_factory):
     that only read it or compare with it: a run is ~15 s of Ray and model start-up on 2 CPUs."""
     out = tmp_path_factory.mktemp("llama_scores")
     return score(instances, llama_dir, out), out
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`miniplm demo --quick` exactly as a user runs it: a new process, an empty working
+    directory, the default (relative) output folder, Ray started by the command itself."""
+    cwd = tmp_path_factory.mktemp("newcomer")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    miniplm = os.path.join(os.path.dirname(sys.executable), "miniplm")  # the installed command
+    result = subprocess.run([miniplm, "demo", "--quick"], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return cwd / "runs" / "demo", result.stdout

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -23,19 +21,6 @@ def read_parts(root) -> list[str]:
 
 def read_ids(root) -> list[str]:
     return sorted(i for name in read_parts(root) for i in pq.read_table(os.path.join(root, name))["id"].to_pylist())
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`miniplm demo --quick` exactly as a user runs it: a new process, an empty working
-    directory, the default (relative) output folder, Ray started by the command itself."""
-    cwd = tmp_path_factory.mktemp("newcomer")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    miniplm = os.path.join(os.path.dirname(sys.executable), "miniplm")  # the installed command
-    result = subprocess.run([miniplm, "demo", "--quick"], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cwd / "runs" / "demo", result.stdout
 
 
 @pytest.mark.timeout(900)
