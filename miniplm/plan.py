@@ -1,21 +1,24 @@
 """plan: a pipeline YAML resolved and checked before any work, with what the run would cost.
 
 `miniplm plan CONFIG` (and `miniplm run CONFIG --dry-run`) takes the YAML and `--set` overrides
-`run` takes and writes nothing. It reads only: model configs and tokenizers (a Hub id through
-huggingface_hub's cache, configs and tokenizer files only, never the weights), the corpus's file
-listing and sizes, and the first documents of the corpus, read by prepare's own readers. It prints
+`run` takes. It writes nothing (no folder, no miniplm cache entry; a Hub id's config and tokenizer
+files land in huggingface_hub's own cache, never its weights) and starts no Ray. It reads: model
+configs (in memory, local or remote) and local tokenizers; the corpus's file listing and sizes;
+the first documents of the corpus, read by prepare's own readers. A remote (s3://, gs://)
+tokenizer is not loaded: that would mean copying its folder. It prints
 
-  - every step of the pipeline and whether it runs or is reused (its marker exists: the same
-    markers `pipeline.step_markers` gives the pipeline);
+  - every step of the pipeline (`pipeline.step_markers`) and whether it runs or is reused;
   - the inputs: files, count and bytes; each model and tokenizer, where it was found;
   - the corpus's size, estimated from the first SAMPLE_DOCS documents: their instances (split at
     corpus.max_chars, as prepare splits) tokenised by each tokenizer the run uses give tokens per
     text byte; text bytes (and instances) per stored byte, measured over the stored bytes those
     documents came from (decompressed where the files are compressed), scale them to the corpus;
   - teacher and reference forward FLOPs over the pool and each trained model's FLOPs, counted
-    as the project counts them (`distill.flops_per_token`, on a model built on the meta device:
-    nothing allocated), and GPU-hours at an achieved `tflops` per GPU;
-  - disk for each step's output, uncompressed (Parquet's zstd makes the tables smaller);
+    as the project counts them (`distill.flops_per_token` on a model built on the meta device;
+    scoring attends over the mean instance, as `report` counts the offline pass), and GPU-hours
+    at an achieved `tflops` per GPU;
+  - disk for each step's output, uncompressed (Parquet's zstd makes the tables smaller): tables,
+    token caches, and each trained model's checkpoints and final weights;
   - every problem it can see, each naming its config key. A fatal one would fail the run and makes
     the exit status 2; a warning (a budget that repeats the corpus) does not.
 """
@@ -26,8 +29,10 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
+import textwrap
 import uuid
 
 from miniplm import hub, io
@@ -35,10 +40,15 @@ from miniplm import hub, io
 DEFAULT_TFLOPS = 200.0  # achieved bf16 TFLOP/s per H100 (~20% of peak): README, GPU-hours
 SAMPLE_DOCS = 200  # documents tokenised for the tokens-per-byte estimate
 PREFIX_BYTES = 4 << 20  # content bytes read from the start of each sampled file, at most
-BYTES_PER_TOKEN = 4.0  # assumed where the run trains its own tokenizer (none to measure yet)
-TRAINED = "trained by the run"
+BYTES_PER_TOKEN = 4.0  # assumed for a tokenizer plan cannot read (trained by the run, or remote)
+ASSUMED = "assumed"  # CorpusEstimate.tokens key of that assumption
 TOKEN_BYTES = 4  # int32 token ids in a token cache
 SCORE_ROW = 4 + 8 + 8  # a score table row besides its id: string offset, n_tokens int64, logprob float64
+WEIGHT_BYTES = 4  # float32 parameters in a final checkpoint (training keeps fp32 weights)
+STATE_BYTES = 12  # per parameter in a resumable checkpoint: fp32 weights + AdamW's two fp32 moments
+WIDTH = 110  # console columns
+REMOTE_TOKENIZER = (f"its tokenizer's checks are left to the run, its tokens are estimated at {BYTES_PER_TOKEN:g} "
+                    "bytes each, and a model trained with it is not counted")
 
 
 @dataclasses.dataclass
@@ -73,7 +83,7 @@ class CorpusEstimate:
     text_bytes: float
     documents: float
     instances: float
-    tokens: dict[str, float]  # per tokenizer (its folder, or TRAINED): text tokens of the corpus
+    tokens: dict[str, float]  # per tokenizer folder, and ASSUMED: text tokens of the corpus
     sampled_documents: int
     sampled_files: int
     exact: bool  # every file was read whole: bytes, documents and instances are counts
@@ -85,6 +95,7 @@ class ModelCost:
     step: str  # the pipeline step that spends it
     model: str  # Hub id@commit, folder, or preset
     params: int  # weights each token is multiplied by (distill.matmul_params)
+    weights: int  # every parameter once: what a checkpoint stores
     context: int  # tokens of attention context per token
     flops_per_token: int  # training: the student's, plus an online KD teacher's forward
     tokens: float
@@ -102,7 +113,7 @@ class Plan:
     tflops: float
     steps: list[Step] = dataclasses.field(default_factory=list)
     inputs: list[Inputs] = dataclasses.field(default_factory=list)
-    models: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> resolved folder, or what
+    models: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> resolved folder or file
     corpus: CorpusEstimate | None = None
     costs: list[ModelCost] = dataclasses.field(default_factory=list)
     problems: list[Problem] = dataclasses.field(default_factory=list)
@@ -111,6 +122,12 @@ class Plan:
     @property
     def exit_code(self) -> int:
         return 2 if any(p.fatal for p in self.problems) else 0
+
+    def problem(self, key: str, message: str, fatal: bool = True) -> None:
+        """Record a problem once (two checks may meet the same one)."""
+        found = Problem(key, message, fatal)
+        if found not in self.problems:
+            self.problems.append(found)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "exit_code": self.exit_code}
@@ -157,20 +174,18 @@ def load_config(path: str, overrides: list[str], plan: Plan) -> tuple[object | N
     try:
         values = load_values(path, overrides)
     except ValueError as err:
-        plan.problems.append(Problem("config", str(err)))
+        plan.problem("config", str(err))
         return None, None
-    for key, name, what in named_models(values):
-        found, problem = locate(key, name, what)
-        if problem:
-            plan.problems.append(problem)
-        else:
+    for key, name, kind in named_models(values):
+        found = locate(key, name, kind, plan)
+        if found:
             plan.models[key] = found
     try:
         return absolute_paths(build(PipelineConfig, values, resolver=hub.resolve_configs)), values
     except (ValueError, FileNotFoundError) as err:  # __post_init__: the first bad setting
         key = error_key(str(err))
         if not any(p.key == key for p in plan.problems):
-            plan.problems.append(Problem(key, str(err)))
+            plan.problem(key, str(err))
         return None, values
 
 
@@ -189,8 +204,8 @@ def check_inputs_only(values: dict, plan: Plan) -> None:
 
 
 def named_models(values: dict) -> list[tuple[str, str, str]]:
-    """(key, name, kind) of every model, tokenizer or model config a raw pipeline config names;
-    kind is checkpoint, tokenizer or config."""
+    """(key, name, kind) of every model, tokenizer or model config a raw pipeline config names,
+    keywords (`builtin`, a KD student's `teacher`) left out; kind is checkpoint, tokenizer or config."""
     from miniplm.demo_teacher import BUILTIN
 
     def get(d, key):
@@ -200,31 +215,35 @@ def named_models(values: dict) -> list[tuple[str, str, str]]:
     found += [(f"{role}.checkpoint", get(values.get(role), "checkpoint"), "checkpoint")
               for role in ("teacher", "reference")]
     for i, st in enumerate(values.get("students") or []):
+        teacher = get(get(st, "kd"), "teacher")
         found += [(f"students[{i}].tokenizer", get(st, "tokenizer"), "tokenizer"),
                   (f"students[{i}].config", get(st, "config"), "config"),
-                  (f"students[{i}].kd.teacher", get(get(st, "kd"), "teacher"), "checkpoint")]
-    return [(k, v, kind) for k, v, kind in found if isinstance(v, str) and v not in (BUILTIN, "teacher")]
+                  (f"students[{i}].kd.teacher", None if teacher == "teacher" else teacher, "checkpoint")]
+    return [(k, v, kind) for k, v, kind in found if isinstance(v, str) and v != BUILTIN]
 
 
-def locate(key: str, name: str, kind: str) -> tuple[str | None, Problem | None]:
-    """(the folder or file `name` resolves to, None) or (None, the problem)."""
+def locate(key: str, name: str, kind: str, plan: Plan) -> str | None:
+    """The folder or file `name` resolves to; None, with a problem, where it is not there."""
     from miniplm.config import absolute_path
 
     try:
         path = hub.resolve_configs(name) if hub.is_hub_id(name) else absolute_path(name)
     except ValueError as err:
-        return None, Problem(key, f"{key}: {err}")
+        plan.problem(key, f"{key}: {err}")
+        return None
     need = {"checkpoint": "config.json", "tokenizer": "tokenizer_config.json",
             "config": "" if name.endswith(".json") else "config.json"}[kind]
     try:
         present = io.exists(io.join(path, need) if need else path)
     except OSError as err:  # an unreachable bucket
-        return None, Problem(key, f"{key}: cannot look at {path} ({err})")
+        plan.problem(key, f"{key}: cannot look at {path} ({err})")
+        return None
     if not present:
         what = {"checkpoint": "no HF checkpoint (config.json)", "tokenizer": "no tokenizer folder "
                 "(tokenizer_config.json)", "config": "no model config (config.json)"}[kind]
-        return None, Problem(key, f"{key}: {what} at {name}")
-    return path, None
+        plan.problem(key, f"{key}: {what} at {name}")
+        return None
+    return path
 
 
 def error_key(message: str) -> str:
@@ -238,37 +257,55 @@ def check_output(cfg, plan: Plan) -> None:
     try:
         io.check_made_by(cfg.output, "run", marker="pipeline.json")
     except ValueError as err:
-        plan.problems.append(Problem("output", f"output: {err}"))
+        plan.problem("output", f"output: {err}")
     sample = os.path.join(cfg.output, "sample", io.MANIFEST)
     if cfg.corpus.inputs == ["sample"] and os.path.exists(sample):
         made_with = io.read_json(sample).get("max_bytes")
         if made_with != cfg.corpus.sample_bytes:
-            plan.problems.append(Problem("corpus.sample_bytes", f"corpus.sample_bytes: {cfg.output} holds a "
-                                         f"sample corpus of max_bytes {made_with}, not {cfg.corpus.sample_bytes}"))
+            plan.problem("corpus.sample_bytes", f"corpus.sample_bytes: {cfg.output} holds a sample corpus "
+                         f"of max_bytes {made_with}, not {cfg.corpus.sample_bytes}")
+
+
+def skipped_remote(key: str, path: str, plan: Plan, *, what: str) -> bool:
+    """Whether `path` is remote, so plan leaves it unread (loading it means a local copy, in
+    miniplm's cache, which plan never writes): a warning, naming the key, says what is skipped."""
+    if io.is_local(path):
+        return False
+    plan.problem(key, f"{key}: {path} is remote, and plan copies nothing to read it: {what}", fatal=False)
+    return True
 
 
 def load_tokenizers(cfg, plan: Plan) -> dict[str, object]:
-    """Each tokenizer the run uses, loaded, by its folder; problems for those that do not load.
-    The pipeline's own tokenizer is absent when the run trains it."""
+    """Each local tokenizer the run uses, loaded, by its folder; problems for those that do not
+    load. The pipeline's own tokenizer is absent when the run trains it."""
     from miniplm.models import is_tokenizer_dir, load_tokenizer
     from miniplm.pipeline import resolve_builtin
 
-    wanted = {"tokenizer": resolve_builtin(cfg.tokenizer)}
-    for role in ("teacher", "reference"):
-        wanted[f"{role}.checkpoint"] = resolve_builtin(getattr(cfg, role).checkpoint)
-    wanted.update({f"students[{i}].tokenizer": st.tokenizer for i, st in enumerate(cfg.students)})
+    scored = {f"{role}.checkpoint": resolve_builtin(getattr(cfg, role).checkpoint)
+              for role in ("teacher", "reference")}
+    trained = {"tokenizer": resolve_builtin(cfg.tokenizer)}
+    trained.update({f"students[{i}].tokenizer": st.tokenizer for i, st in enumerate(cfg.students)})
     loaded = {}
-    for key, path in wanted.items():
-        if not path or path in loaded:
+    for key, path in {**trained, **scored}.items():
+        if not path or path in loaded or skipped_remote(key, path, plan, what=REMOTE_TOKENIZER):
             continue
         if not is_tokenizer_dir(path):
-            plan.problems.append(Problem(key, f"{key}: no tokenizer (tokenizer_config.json) in {path}; the "
-                                         "score stage reads a model's own tokenizer from its folder"))
+            plan.problem(key, f"{key}: no tokenizer (tokenizer_config.json) in {path}; the score stage "
+                         "reads a model's own tokenizer from its folder")
             continue
         try:
-            loaded[path] = load_tokenizer(path)
+            tok = load_tokenizer(path)
         except (OSError, ValueError) as err:
-            plan.problems.append(Problem(key, f"{key}: the tokenizer at {path} does not load ({err})"))
+            plan.problem(key, f"{key}: the tokenizer at {path} does not load ({err})")
+            continue
+        if key in trained and tok.eos_token_id is None:
+            plan.problem(key, f"{key}: the tokenizer at {path} has no EOS token (training ends each document "
+                         "with it)")
+        elif tok.bos_token_id is None and tok.eos_token_id is None:
+            plan.problem(key, f"{key}: the tokenizer at {path} has neither a BOS nor an EOS token (scoring "
+                         "starts each document with one)")
+        else:
+            loaded[path] = tok
     return loaded
 
 
@@ -281,33 +318,44 @@ def scoring_tokenizer(cfg, role: str) -> str | None:
 
 
 def check_scored_models(cfg, tokenizers: dict, plan: Plan) -> None:
-    """Teacher and reference: weights where the run will look for them, and one tokenizer when
-    selection normalises per token."""
-    from miniplm.models import tokenizer_fingerprint
+    """Teacher and reference: weights where the run will look for them, a vocabulary their
+    tokenizer's ids fit (score refuses one they overflow), and one tokenizer when selection
+    normalises per token."""
+    from miniplm.models import check_vocab, tokenizer_fingerprint
     from miniplm.pipeline import resolve_builtin
 
     for role in ("teacher", "reference"):
-        path = resolve_builtin(getattr(cfg, role).checkpoint)
-        if path and not has_weights(path):
-            plan.problems.append(Problem(f"{role}.checkpoint", f"{role}.checkpoint: no weights (*.safetensors, "
-                                         f"*.bin) in {path}" + (" and HF_HUB_OFFLINE is set" if hub.describe(path)
-                                                                else "")))
+        key, path = f"{role}.checkpoint", resolve_builtin(getattr(cfg, role).checkpoint)
+        if not path:
+            continue
+        try:
+            if not has_weights(path):
+                offline = " and HF_HUB_OFFLINE is set" if hub.describe(path) else ""
+                plan.problem(key, f"{key}: no weights (*.safetensors, *.bin) in {path}{offline}")
+        except OSError as err:  # an unreachable bucket
+            plan.problem(key, f"{key}: cannot list {path} ({err})")
+        config = read_config(key, path, plan)
+        if config is not None and path in tokenizers:
+            try:
+                check_vocab(config, tokenizers[path], key)
+            except ValueError as err:
+                plan.problem(key, str(err))
     if cfg.selection.normalize != "token":
         return
     paths = [scoring_tokenizer(cfg, role) for role in ("teacher", "reference")]
     if not all(p in tokenizers for p in paths):
-        return  # trained by the run (shared by both), or already a problem
+        return  # trained by the run (shared by both), remote, or already a problem
     prints = [tokenizer_fingerprint(tokenizers[p]) for p in paths]
     if prints[0] != prints[1]:
-        plan.problems.append(Problem("selection.normalize", f"selection.normalize: token, but the teacher's tokenizer "
-                                     f"({paths[0]}) and the reference's ({paths[1]}) differ (fingerprints "
-                                     f"{prints[0][:12]} vs {prints[1][:12]}): select refuses per-token scores "
-                                     "of two tokenizers. Use normalize: byte (or auto)"))
+        plan.problem("selection.normalize", f"selection.normalize: token, but the teacher's tokenizer "
+                     f"({paths[0]}) and the reference's ({paths[1]}) differ (fingerprints {prints[0][:12]} vs "
+                     f"{prints[1][:12]}): select refuses per-token scores of two tokenizers. Use normalize: "
+                     "byte (or auto)")
 
 
 def has_weights(path: str) -> bool:
-    """Weight files in a checkpoint folder; a Hub snapshot counts as having them unless
-    HF_HUB_OFFLINE is set (the run downloads them)."""
+    """Weight files in a checkpoint folder (the names models.model_fingerprint hashes); a Hub
+    snapshot counts as having them unless HF_HUB_OFFLINE is set (the run downloads them)."""
     if hub.describe(path) and not hub.offline():
         return True
     from fsspec.core import url_to_fs
@@ -315,6 +363,18 @@ def has_weights(path: str) -> bool:
     fs, root = url_to_fs(path)
     return any(p.endswith((".safetensors", ".bin", ".pt")) and "training_args" not in p
                for p in fs.ls(root, detail=False))
+
+
+def read_config(key: str, path: str, plan: Plan):
+    """A checkpoint's model config, read in memory (no local copy of a remote one); None, with a
+    problem, where it does not load."""
+    from miniplm.models import config_from_dict
+
+    try:
+        return config_from_dict(io.read_json(io.join(path, "config.json")))
+    except (OSError, ValueError, KeyError) as err:  # KeyError: a model_type transformers lacks
+        plan.problem(key, f"{key}: the model config at {path} does not load ({type(err).__name__}: {err})")
+        return None
 
 
 # ---------------------------------------------------------------- the corpus
@@ -354,20 +414,19 @@ def resolve_corpus(cfg, plan: Plan) -> Sample | None:
     corpus = list_inputs("corpus.inputs", c.inputs, plan)
     list_inputs("corpus.heldout", c.heldout, plan)
     if not c.heldout:
-        plan.problems.append(Problem("corpus.heldout", "corpus.heldout: give held-out evaluation files "
-                                     "(or use the sample corpus)"))
+        plan.problem("corpus.heldout", "corpus.heldout: give held-out evaluation files (or use the sample corpus)")
     if not corpus.files:
         return None
     try:
         sample = sample_files(corpus.files, c.max_chars, cfg.output)
     except (OSError, ValueError, EOFError) as err:  # a corrupt file, a bad column: prepare fails on it too
-        plan.problems.append(Problem("corpus.inputs", f"corpus.inputs: cannot read the corpus's first documents "
-                                     f"({type(err).__name__}: {err})"))
+        plan.problem("corpus.inputs", f"corpus.inputs: cannot read the corpus's first documents "
+                     f"({type(err).__name__}: {err})")
         return None
     if not sample.documents:
         reasons = ", ".join(f"{k} {v}" for k, v in sample.skipped.items()) or "no records"
-        plan.problems.append(Problem("corpus.inputs", f"corpus.inputs: no document with text in the first "
-                                     f"{sample.files} file(s) ({reasons}); prepare reads the `text` field"))
+        plan.problem("corpus.inputs", f"corpus.inputs: no document with text in the first {sample.files} "
+                     f"file(s) ({reasons}); prepare reads the `text` field")
         return None
     return sample
 
@@ -383,7 +442,7 @@ def list_inputs(key: str, patterns: list[str], plan: Plan) -> Inputs:
         try:
             files += expand_inputs([pattern])
         except (OSError, ValueError) as err:
-            plan.problems.append(Problem(f"{key}[{i}]", f"{key}[{i}]: {err}"))
+            plan.problem(f"{key}[{i}]", f"{key}[{i}]: {err}")
     files = sorted(set(files))
     size = 0
     for url in files:
@@ -505,24 +564,22 @@ def file_start(url: str):
 def estimate_corpus(sample: Sample, tokenizers: dict, plan: Plan) -> CorpusEstimate:
     """The whole corpus from its sample: counts per stored byte, tokens per text byte."""
     stored = sum(i.bytes for i in plan.inputs if i.key == "corpus.inputs")
-    scale = stored / sample.stored_bytes if sample.stored_bytes else 0.0
-    if sample.whole:
-        scale = 1.0
+    scale = 1.0 if sample.whole else stored / sample.stored_bytes if sample.stored_bytes else 0.0
     text_bytes = sample.text_bytes * scale
     tokens = {}
     for path, tok in tokenizers.items():
         ids = tok(sample.instances, add_special_tokens=False)["input_ids"]
         tokens[path] = text_bytes * sum(map(len, ids)) / max(1, sample.instances_bytes)
-    tokens[TRAINED] = text_bytes / BYTES_PER_TOKEN
-    compressed = any(i.compressed for i in plan.inputs if i.key == "corpus.inputs")
+    tokens[ASSUMED] = text_bytes / BYTES_PER_TOKEN
+    counted = min(sample.documents, SAMPLE_DOCS)
     if sample.whole:
-        note = f"every document read ({sample.documents:,}); tokens from the first {min(sample.documents, SAMPLE_DOCS)}"
+        note = f"every document read; tokens counted on the first {counted:,}"
     else:
-        note = (f"from the first {sample.documents:,} documents ({sample.files} file(s)); tokens from the "
-                f"first {SAMPLE_DOCS}")
-        if compressed:
-            note += (f"; inputs are compressed: their {human_bytes(stored)} are stored bytes, scaled by the "
-                     f"sample's {sample.content_bytes / sample.stored_bytes:.1f}x decompressed/stored ratio")
+        note = (f"scaled from the first {sample.documents:,} documents ({sample.files} file(s)); tokens "
+                f"counted on the first {counted:,}")
+        if any(i.compressed for i in plan.inputs if i.key == "corpus.inputs"):
+            note += (f"; compressed inputs: {sample.content_bytes / sample.stored_bytes:.1f}x decompressed/stored "
+                     "in the sample")
     return CorpusEstimate(stored_bytes=stored, text_bytes=text_bytes, documents=sample.documents * scale,
                           instances=sample.all_instances * scale, tokens=tokens,
                           sampled_documents=sample.documents, sampled_files=sample.files, exact=sample.whole,
@@ -536,7 +593,7 @@ def pool_share(cfg) -> float:
 
 def corpus_tokens(plan: Plan, tokenizer: str | None) -> float:
     tokens = plan.corpus.tokens
-    return tokens.get(tokenizer, tokens[TRAINED]) if tokenizer else tokens[TRAINED]
+    return tokens.get(tokenizer, tokens[ASSUMED]) if tokenizer else tokens[ASSUMED]
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -569,95 +626,85 @@ def describe_model(path: str) -> str:
     found = hub.describe(path)
     if found:
         return f"{found['id']}@{found['commit'][:12]}"
-    return "builtin (the demo's teacher)" if os.path.abspath(path) == os.path.abspath(demo_teacher.ASSET) else path
+    return "the built-in demo teacher" if os.path.abspath(path) == os.path.abspath(demo_teacher.ASSET) else path
+
+
+def trained_tokens(tokens: int | None, steps: int | None, batch_tokens: int) -> int:
+    """The tokens a training run reads: whole steps (TrainConfig.total_steps rounds a token budget up)."""
+    return (steps if steps is not None else math.ceil(tokens / batch_tokens)) * batch_tokens
 
 
 def model_costs(cfg, tokenizers: dict, plan: Plan) -> list[ModelCost]:
     """Teacher and reference scoring the pool (and training first, where trained here), then
     each student's training, at plan.tflops per GPU."""
-    from transformers import AutoConfig
-
+    from miniplm.distill import flops_per_token, matmul_params
     from miniplm.logprob import context_length
     from miniplm.models import ModelSpec, model_config
     from miniplm.pipeline import resolve_builtin
 
-    seq_len, pool = cfg.train.seq_len, pool_share(cfg)
+    seq_len, pool, batch = cfg.train.seq_len, pool_share(cfg), cfg.train.batch_tokens
     pipeline_tok = resolve_builtin(cfg.tokenizer)
 
     def shaped(key: str, spec: ModelSpec, tok_path: str | None):
+        """The config training builds; None where its tokenizer did not load (already a problem)."""
+        if tok_path and tok_path not in tokenizers:
+            return None
         try:
             return model_config(spec, tokenizers.get(tok_path) or PlannedTokenizer(cfg.vocab_size), seq_len)
         except (ValueError, OSError) as err:
-            plan.problems.append(Problem(key, f"{key}: {err}"))
+            plan.problem(key, f"{key}: {err}")
             return None
 
     def cost(step, config, name, context, training, tokens, data=None, tok_path=None, share=0.0, extra=0):
         model = meta_model(config)
         per = flops_per_token(model, context, training=training) + extra
-        total = per * tokens
-        return ModelCost(step, name, matmul_params(model), context, per, tokens, total,
-                         total / (plan.tflops * 1e12 * 3600), data, tok_path,
+        weights = sum(p.numel() for p in model.parameters())
+        return ModelCost(step, name, matmul_params(model), weights, context, per, tokens, per * tokens,
+                         per * tokens / (plan.tflops * 1e12 * 3600), data, tok_path,
                          share * corpus_tokens(plan, tok_path) if data and plan.corpus else None)
-
-    def read(key: str, path: str):
-        try:
-            return AutoConfig.from_pretrained(io.local_copy(io.join(path, "config.json")))
-        except (OSError, ValueError) as err:
-            plan.problems.append(Problem(key, f"{key}: the model config at {path} does not load ({err})"))
-            return None
 
     configs, costs = {}, []
     for role in ("teacher", "reference"):
         run, path = getattr(cfg, role), resolve_builtin(getattr(cfg, role).checkpoint)
         if path:
-            config = read(f"{role}.checkpoint", path)
+            config = read_config(f"{role}.checkpoint", path, plan)
             configs[role] = (config, describe_model(path)) if config is not None else None
             continue
         config = shaped(f"{role}.preset", ModelSpec(preset=run.preset), pipeline_tok)
         configs[role] = (config, f"preset {run.preset}") if config is not None else None
         if config is not None:  # trained here first, on the pool or on D_ref
             on_pool = role == "teacher" and cfg.teacher.data == "pool"
-            costs.append(cost(f"train {role}", config, f"preset {run.preset}", seq_len, True, run.tokens,
-                              "pool" if on_pool else "d_ref", pipeline_tok,
-                              pool if on_pool else cfg.reference.fraction))
+            costs.append(cost(f"train {role}", config, f"preset {run.preset}", seq_len, True,
+                              trained_tokens(run.tokens, None, batch), "pool" if on_pool else "d_ref",
+                              pipeline_tok, pool if on_pool else cfg.reference.fraction))
     if plan.corpus:
         for role in ("teacher", "reference"):
             if configs[role] is None:
                 continue
             config, name = configs[role]
             tokens = pool * corpus_tokens(plan, scoring_tokenizer(cfg, role))
-            # attention over the mean instance, within the scorer's window (as `report` counts it)
-            window = context_length(config.get_text_config()) or 2048
+            # attention over the mean instance, within the window score picks (as `report` counts it)
+            window = context_length(config) or 2048
             context = int(min(window, tokens / max(1.0, pool * plan.corpus.instances)))
             costs.append(cost(f"score {role}", config, name, context, False, tokens))
     share = {"full": pool, "refined": pool * cfg.selection.alpha, "random": pool * cfg.selection.alpha}
     for i, st in enumerate(cfg.students):
         tok_path = st.tokenizer or pipeline_tok
         key = f"students[{i}].{'config' if st.config else 'preset'}"
+        if st.config and skipped_remote(key, st.config, plan, what="this student's FLOPs are not counted"):
+            continue
         config = shaped(key, ModelSpec(preset=st.preset, config=st.config), tok_path)
         if config is None:
             continue
         extra = 0
         if st.kd:  # the online teacher's forward on every training token
             teacher = ((configs["teacher"] or (None,))[0] if st.kd.teacher == "teacher"
-                       else read(f"students[{i}].kd.teacher", st.kd.teacher))
+                       else read_config(f"students[{i}].kd.teacher", st.kd.teacher, plan))
             extra = flops_per_token(meta_model(teacher), seq_len, training=False) if teacher is not None else 0
-        tokens = st.tokens if st.tokens is not None else st.steps * cfg.train.batch_tokens
         costs.append(cost(f"train student {st.name}", config, st.config or f"preset {st.preset}", seq_len, True,
-                          tokens, "pool" if st.corpus == "full" else st.corpus, tok_path, share[st.corpus], extra))
+                          trained_tokens(st.tokens, st.steps, batch), "pool" if st.corpus == "full" else st.corpus,
+                          tok_path, share[st.corpus], extra))
     return costs
-
-
-def flops_per_token(model, context: int, *, training: bool) -> int:
-    from miniplm.distill import flops_per_token as count
-
-    return count(model, context, training=training)
-
-
-def matmul_params(model) -> int:
-    from miniplm.distill import matmul_params as count
-
-    return count(model)
 
 
 # ---------------------------------------------------------------- steps, disk, checks
@@ -670,7 +717,7 @@ def plan_steps(cfg, plan: Plan) -> list[Step]:
     steps = [Step(name, marker, "reused" if os.path.exists(marker) else "runs")
              for name, marker in step_markers(cfg).items()]
     cost = {c.step: c for c in plan.costs}
-    disk = step_disk(cfg, plan) if plan.corpus else {}
+    disk = step_disk(cfg, plan)
     for step in steps:
         if step.name in cost:
             step.flops, step.gpu_hours = cost[step.name].flops, cost[step.name].gpu_hours
@@ -681,23 +728,35 @@ def plan_steps(cfg, plan: Plan) -> list[Step]:
 def step_disk(cfg, plan: Plan) -> dict[str, float]:
     """Uncompressed bytes each step writes: instances (text, id, n_bytes, source), score tables
     (id, n_tokens, logprob), selected corpora (alpha of the pool, with a score), token caches
-    (int32 per token, one per corpus and tokenizer, written by the first run that reads it)."""
+    (int32 per token, one per corpus and tokenizer, written by the first run that reads it), and
+    a trained model's checkpoints (the latest keep_checkpoints, as Ray Train prunes them) and
+    final weights."""
+    from miniplm.train import TrainConfig
+
+    disk = {}
     c = plan.corpus
-    names = [os.path.basename(f) for i in plan.inputs if i.key == "corpus.inputs" for f in i.files]
-    names = names or ["docs-0.jsonl"]  # (the sample corpus's)
-    id_bytes = sum(map(len, names)) / len(names) + len(str(int(c.documents / len(names)))) + 4  # name:row:k
-    instances = c.text_bytes + c.instances * (id_bytes + 4 + 8 + 16)  # source: ~16 bytes
-    pool = pool_share(cfg)
-    selected = cfg.selection.alpha * pool * (instances + 8 * c.instances)
-    disk = {"sample corpus": sum(i.bytes for i in plan.inputs), "prepare corpus": instances, "split D_ref": instances,
-            "score teacher": pool * c.instances * (id_bytes + SCORE_ROW),
-            "score reference": pool * c.instances * (id_bytes + SCORE_ROW),
-            "select refined": selected, "select random": selected}
+    if c:
+        names = [os.path.basename(f) for i in plan.inputs if i.key == "corpus.inputs" for f in i.files]
+        names = names or ["docs-0.jsonl"]  # (the sample corpus's)
+        id_bytes = sum(map(len, names)) / len(names) + len(str(int(c.documents / len(names)))) + 4  # name:row:k
+        instances = c.text_bytes + c.instances * (id_bytes + 4 + 8 + 16)  # source: ~16 bytes
+        pool = pool_share(cfg)
+        selected = cfg.selection.alpha * pool * (instances + 8 * c.instances)
+        heldout = sum(i.bytes for i in plan.inputs if i.key == "corpus.heldout")
+        disk = {"sample corpus": sum(i.bytes for i in plan.inputs), "prepare corpus": instances,
+                "prepare held-out set": heldout * c.text_bytes / max(1, c.stored_bytes),  # as the corpus inflates
+                "split D_ref": instances, "score teacher": pool * c.instances * (id_bytes + SCORE_ROW),
+                "score reference": pool * c.instances * (id_bytes + SCORE_ROW),
+                "select refined": selected, "select random": selected}
     caches = set()
+    keep = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["keep_checkpoints"]
     for cost in plan.costs:
         if cost.data and (cost.data, cost.tokenizer) not in caches and cost.corpus_tokens is not None:
             caches.add((cost.data, cost.tokenizer))
             disk[cost.step] = cost.corpus_tokens * TOKEN_BYTES
+        if cost.step.startswith("train "):
+            kept = min(keep, math.ceil(cost.tokens / cfg.train.batch_tokens / cfg.train.checkpoint_every))
+            disk[cost.step] = disk.get(cost.step, 0) + cost.weights * (WEIGHT_BYTES + kept * STATE_BYTES)
     return disk
 
 
@@ -708,25 +767,23 @@ def check_budgets(cfg, plan: Plan) -> None:
         if cost is None or not cost.corpus_tokens or cost.tokens <= cost.corpus_tokens:
             continue
         key = f"students[{i}].{'tokens' if st.tokens is not None else 'steps'}"
-        plan.problems.append(Problem(key, f"{key}: {sci(cost.tokens)} tokens, but its corpus ({st.corpus}) holds "
-                                     f"~{sci(cost.corpus_tokens)}: the run repeats it "
-                                     f"{sci(cost.tokens / cost.corpus_tokens)} times", fatal=False))
+        plan.problem(key, f"{key}: {sci(cost.tokens)} tokens, but its corpus ({st.corpus}) holds "
+                     f"~{sci(cost.corpus_tokens)}: the run reads it ~{sci(cost.tokens / cost.corpus_tokens)} "
+                     "times over", fatal=False)
 
 
 def check_cluster_paths(cfg, plan: Plan) -> None:
     """On a cluster of several nodes every node must see each local path (shared storage); the
-    number of nodes is not checked here (that needs a connection to the cluster)."""
-    from miniplm.pipeline import resolve_builtin
-
+    number of nodes is not checked here (that needs a connection to the cluster). A Hub snapshot
+    is exempt (each node resolves it from its own cache), and so is the built-in teacher (in the
+    package)."""
     paths = [("output", cfg.output)] + [(f"corpus.inputs[{i}]", p) for i, p in enumerate(cfg.corpus.inputs)]
     paths += [(f"corpus.heldout[{i}]", p) for i, p in enumerate(cfg.corpus.heldout)]
-    paths += [("tokenizer", resolve_builtin(cfg.tokenizer))]
-    paths += [(f"{r}.checkpoint", resolve_builtin(getattr(cfg, r).checkpoint)) for r in ("teacher", "reference")]
-    for key, path in paths:
-        if path and path != "sample" and io.is_local(path) and not hub.describe(path):
-            plan.problems.append(Problem(key, f"{key}: {path} is a local path: on a cluster of more than one node "
-                                         "it must be on storage every node sees, or an s3:// / gs:// URL "
-                                         "(plan does not contact the cluster to count its nodes)", fatal=False))
+    for key, path in paths + list(plan.models.items()):
+        if path != "sample" and io.is_local(path) and not hub.describe(path):
+            plan.problem(key, f"{key}: {path} is a local path: on a cluster of more than one node it must be on "
+                         "storage every node sees, or an s3:// / gs:// URL (plan does not contact the cluster "
+                         "to count its nodes)", fatal=False)
 
 
 # ---------------------------------------------------------------- output
@@ -734,50 +791,55 @@ def check_cluster_paths(cfg, plan: Plan) -> None:
 
 def sci(x: float) -> str:
     """3.6e20, 1.2e6, 512: two significant digits, short exponents."""
-    text = f"{x:.2g}"
-    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", text)
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", f"{x:.2g}")
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} PB"
 
 
-def human_hours(h: float) -> str:
-    return f"{h:,.0f} GPU-hours" if h >= 10 else f"{sci(h)} GPU-hours"
+def hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 10 else sci(h)
+
+
+def cell(value: float | None, fmt) -> str:
+    return "" if value is None else fmt(value)
+
+
+def wrapped(text: str, indent: str = "", hang: str = "    ") -> list[str]:
+    """`text` as lines of at most WIDTH columns; a path or URL is never split."""
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent + hang,
+                         break_long_words=False, break_on_hyphens=False)
 
 
 def render(plan: Plan) -> str:
-    """The plan as a readable report."""
-    lines = [f"miniplm plan: {plan.config}" + (f" -> {plan.output}" if plan.output else "")]
+    """The plan as a readable report, at most WIDTH columns (a long path aside)."""
+    lines = wrapped(f"miniplm plan: {plan.config}" + (f" -> {plan.output}" if plan.output else ""))
     if plan.inputs or plan.models:
         lines.append("\ninputs")
         for i in plan.inputs:
-            if i.note:
-                what = f"{i.note}, {human_bytes(i.bytes)} of text"
-            else:
-                what = (f"{len(i.files)} file(s), {human_bytes(i.bytes)}" + (" stored (compressed)" if i.compressed
-                                                                             else "")
-                        + (f": {i.files[0]}{', ...' if len(i.files) > 1 else ''}" if i.files else ""))
-            lines.append(f"  {i.key:26} {what}")
-        for key, path in plan.models.items():
-            lines.append(f"  {key:26} {describe_model(path)}")
+            what = f"{i.note}, {human_bytes(i.bytes)} of text" if i.note else (
+                f"{len(i.files)} file(s), {human_bytes(i.bytes)}" + (" stored (compressed)" if i.compressed else "")
+                + (f": {i.files[0]}{', ...' if len(i.files) > 1 else ''}" if i.files else ""))
+            lines += wrapped(f"{i.key:26} {what}", "  ", " " * 27)
+        lines += [f"  {key:26} {describe_model(path)}" for key, path in plan.models.items()]
     c = plan.corpus
     if c:
         lines.append("\ncorpus (estimated)")
-        lines.append(f"  {human_bytes(c.text_bytes)} of text, ~{c.documents:,.0f} documents, ~{c.instances:,.0f} "
-                     f"instances ({c.note})")
-        for path, tokens in c.tokens.items():
-            if path != TRAINED:
-                lines.append(f"  {sci(tokens)} tokens with the tokenizer of {describe_model(path)}")
+        lines.append(f"  {human_bytes(c.text_bytes)} of text, ~{c.documents:,.0f} documents, "
+                     f"~{c.instances:,.0f} instances")
+        lines += wrapped(f"({c.note})", "  ")
+        lines += [f"  {sci(tokens)} tokens with the tokenizer of {describe_model(path)}"
+                  for path, tokens in c.tokens.items() if path != ASSUMED]
         if len(c.tokens) == 1:
-            lines.append(f"  {sci(c.tokens[TRAINED])} tokens with the tokenizer the run trains "
-                         f"({BYTES_PER_TOKEN:g} bytes per token assumed)")
+            lines.append(f"  {sci(c.tokens[ASSUMED])} tokens with the tokenizer the run trains "
+                         f"(at an assumed {BYTES_PER_TOKEN:g} bytes per token)")
     if plan.costs:
-        lines.append("\nmodels")
+        lines.append("\nmodels (training FLOPs/token include an online KD teacher's forward)")
         lines.append(f"  {'step':30} {'model':28} {'matmul params':>14} {'context':>7} {'FLOPs/token':>11} "
                      f"{'tokens':>8}")
         for m in plan.costs:
@@ -785,27 +847,23 @@ def render(plan: Plan) -> str:
             lines.append(f"  {m.step:30} {model:28} {m.params:>14,} {m.context:>7} {sci(m.flops_per_token):>11} "
                          f"{sci(m.tokens):>8}")
     if plan.steps:
-        lines.append(f"\nsteps (GPU-hours at an achieved {plan.tflops:g} TFLOP/s per GPU)")
-        lines.append(f"  {'step':30} {'status':7} {'FLOPs':>14} {'GPU-hours':>19} {'disk':>10}")
+        lines.append(f"\nsteps (GPU-hours at an achieved {plan.tflops:g} TFLOP/s per GPU; disk uncompressed)")
+        lines.append(f"  {'step':30} {'status':7} {'FLOPs':>9} {'GPU-hours':>10} {'disk':>10}")
         for s in plan.steps:
-            lines.append(f"  {s.name:30} {s.status:7} {cell(s.flops, lambda x: f'{sci(x)} FLOPs'):>14} "
-                         f"{cell(s.gpu_hours, human_hours):>19} {cell(s.disk_bytes, human_bytes):>10}")
+            lines.append(f"  {s.name:30} {s.status:7} {cell(s.flops, sci):>9} {cell(s.gpu_hours, hours):>10} "
+                         f"{cell(s.disk_bytes, human_bytes):>10}")
         run = [s for s in plan.steps if s.status == "runs"]
-        lines.append(f"  {'total of the steps that run':38} {sci(sum(s.flops or 0 for s in run)) + ' FLOPs':>14} "
-                     f"{human_hours(sum(s.gpu_hours or 0 for s in run)):>19} "
+        lines.append(f"  {'total of the steps that run':38} {sci(sum(s.flops or 0 for s in run)):>9} "
+                     f"{hours(sum(s.gpu_hours or 0 for s in run)):>10} "
                      f"{human_bytes(sum(s.disk_bytes or 0 for s in run)):>10}")
     for note in plan.notes:
-        lines.append(f"\nnote: {note}")
+        lines += [""] + wrapped(f"note: {note}")
     fatal = [p for p in plan.problems if p.fatal]
     lines.append(f"\nproblems: {len(fatal)} that would fail the run, {len(plan.problems) - len(fatal)} warning(s)")
     for p in plan.problems:
-        lines.append(f"  - {'error' if p.fatal else 'warning'}: "
-                     + (p.message if p.message.startswith(p.key) else f"{p.key}: {p.message}"))
+        message = p.message if p.message.startswith(p.key) else f"{p.key}: {p.message}"
+        lines += wrapped(f"- {'error' if p.fatal else 'warning'}: {message}", "  ")
     return "\n".join(lines)
-
-
-def cell(value: float | None, fmt) -> str:
-    return "" if value is None else fmt(value)
 
 
 def to_json(plan: Plan) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -87,16 +88,18 @@ def plan_json(capsys, argv: list[str]) -> tuple[int, dict]:
     return code, json.loads(capsys.readouterr().out)
 
 
-def test_plan_of_the_demo_lists_every_step_and_writes_nothing(tmp_path, capsys):
-    out = tmp_path / "demo"
+def test_plan_of_the_demo_lists_every_step_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    out, cache = tmp_path / "demo", tmp_path / "miniplm-cache"
+    monkeypatch.setenv("MINIPLM_CACHE", str(cache))  # where a remote file's local copy would go
     code, plan = plan_json(capsys, ["plan", DEMO_CONFIG, "--set", f"output={out}"])
     assert code == 0 and plan["exit_code"] == 0
+    # the steps pipeline.run_pipeline runs for the demo, in its order
     assert [(s["name"], s["status"]) for s in plan["steps"]] == [(name, "runs") for name in [
         "sample corpus", "prepare corpus", "prepare held-out set", "split D_ref", "train reference",
         "score teacher", "score reference", "select refined", "select random", "train student vanilla",
-        "eval student vanilla", "train student miniplm", "eval student miniplm", "report"]]
+        "eval student vanilla", "train student miniplm", "eval student miniplm", "report",
+        "eval students per source"]]
     assert not any(p["fatal"] for p in plan["problems"])
-    assert not out.exists()
     # the sample corpus is described as the run will write it: the same documents and bytes
     from miniplm.sample_corpus import write_sample_corpus
 
@@ -108,7 +111,9 @@ def test_plan_of_the_demo_lists_every_step_and_writes_nothing(tmp_path, capsys):
     assert plan["corpus"]["text_bytes"] == sum(len(t.encode()) for t in written)
     assert plan["corpus"]["documents"] == len(written) and plan["corpus"]["exact"]
     costs = {c["step"]: c for c in plan["costs"]}
-    assert costs["score teacher"]["flops"] > 0 and costs["train student miniplm"]["tokens"] == 400000
+    # a token budget is trained in whole steps of train.batch_tokens (4096 here), as the loop counts it
+    assert costs["score teacher"]["flops"] > 0
+    assert costs["train student miniplm"]["tokens"] == math.ceil(400_000 / 4096) * 4096
 
     # `run --dry-run` prints the same plan and exits the same way, doing nothing
     assert main(["plan", DEMO_CONFIG, "--set", f"output={out}"]) == 0
@@ -117,7 +122,9 @@ def test_plan_of_the_demo_lists_every_step_and_writes_nothing(tmp_path, capsys):
     assert capsys.readouterr().out == printed
     for line in ("score teacher", "FLOPs", "GPU-hours", "problems: 0 that would fail the run"):
         assert line in printed
-    assert not out.exists()
+    assert max(map(len, printed.splitlines())) <= 110
+    assert not out.exists() and not cache.exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
 def test_a_finished_step_shows_as_reused(tmp_path, capsys):
@@ -182,6 +189,10 @@ def test_plan_of_pile_qwen_with_the_teacher_from_a_hub_cache(corpus, tokenizer_d
     assert kd["tokens"] == 25000 * 524288
     assert kd["flops"] == pytest.approx(per_token * 25000 * 524288, rel=1e-9)
     assert kd["gpu_hours"] == pytest.approx(kd["flops"] / TFLOPS / 3600, rel=1e-9)
+    # its disk: the final fp32 weights and the 2 latest checkpoints (fp32 weights + AdamW's two moments)
+    # of a tied-embedding model, every parameter once; its token cache is vanilla-200m's (same corpus)
+    disk = {s["name"]: s["disk_bytes"] for s in plan["steps"]}
+    assert disk["train student kd-200m"] == matmul_params(QWEN_200M, len(tok)) * (4 + 2 * 12)
 
 
 def test_missing_inputs_and_checkpoint_are_each_named(corpus, tmp_path, capsys):
@@ -214,3 +225,36 @@ def test_teacher_and_reference_tokenizers_differ_under_token_normalisation(corpu
     # per-byte normalisation compares them: nothing fails
     code, plan = plan_json(capsys, argv + ["--set", "selection.normalize=byte"])
     assert code == 0 and not [p for p in plan["problems"] if p["fatal"]]
+    # a vanilla-KD student with a tokenizer other than its teacher's fails before any work
+    code, plan = plan_json(capsys, argv + ["--set", "selection.normalize=byte", "--set",
+                                           f"students[1].tokenizer={other}"])
+    assert code == 2 and [p["key"] for p in plan["problems"] if p["fatal"]] == ["students[1].kd.teacher"]
+    assert not out.exists()
+
+
+def test_a_remote_checkpoint_is_costed_from_its_config_and_never_copied(corpus, tokenizer_dir, tmp_path,
+                                                                      capsys, monkeypatch):
+    """A reference on object storage (fsspec's in-memory store stands in for s3://): its config is
+    read in memory, its tokenizer is not loaded (that would copy the folder), and nothing lands in
+    miniplm's cache."""
+    import fsspec
+
+    root, _ = corpus
+    cache = tmp_path / "miniplm-cache"
+    monkeypatch.setenv("MINIPLM_CACHE", str(cache))
+    teacher = checkpoint(tmp_path / "teacher", QWEN_1_8B, tokenizer_dir)
+    memory, remote = fsspec.filesystem("memory"), f"/plan-test-{tmp_path.name}/reference"
+    for file in checkpoint(tmp_path / "reference", QWEN_104M, tokenizer_dir).iterdir():
+        memory.pipe(f"{remote}/{file.name}", file.read_bytes())
+    argv = ["plan", PILE_QWEN, *pile_overrides(root, tmp_path / "run", f"memory://{remote}"),
+            "--set", f"teacher.checkpoint={teacher}", "--set", f"tokenizer={teacher}"]
+    try:
+        code, plan = plan_json(capsys, argv)
+    finally:
+        memory.rm(remote.rsplit("/", 1)[0], recursive=True)
+    assert code == 0 and not cache.exists()
+    warned = {p["key"]: p["message"] for p in plan["problems"] if not p["fatal"]}
+    assert "is remote" in warned["reference.checkpoint"]
+    costs = {c["step"]: c for c in plan["costs"]}
+    assert costs["score reference"]["params"] == matmul_params(QWEN_104M, 151936)
+    assert costs["score reference"]["tokens"] == pytest.approx(plan["corpus"]["text_bytes"] / 4)
