@@ -52,6 +52,12 @@ def test_demo_quick_end_to_end(demo_run):
         assert os.path.exists(out / "students" / name / "final" / "config.json")
     assert (out / "report" / "loss_vs_flops.png").stat().st_size > 0
     assert "Compute-saving factor" in (out / "report" / "report.md").read_text()
+    # and the claims benchmark's evaluation: the held-out split, a D_ref slice per source, outside prose
+    by_set = io.read_json(str(out / "report" / "eval_sets.json"))
+    assert [s["name"] for s in by_set["sets"]] == ["heldout", "docs", "code", "license", "outside-prose"]
+    assert set(by_set["runs"]) == {"vanilla", "miniplm"}
+    assert all(0 < bits < 10 for run in by_set["runs"].values() for bits in run.values())
+    assert "Bits per byte on each evaluation set" in stdout
 
 
 @pytest.mark.timeout(600)
