@@ -8,6 +8,9 @@ Prints, per arm, bits per byte on each evaluation set (mean ± sd over seeds), p
 gain, the seeds in which it holds and a verdict; writes OUTPUT/claims/report-TOKENS/claims.{md,json,png}.
 Students already trained are reused, so a seed added later trains only its arms. `--quick`:
 2 seeds, 64 steps of 1024 tokens per LM-only student (the suite runs it on the quick demo).
+
+Measured on 2 CPU cores with the defaults: C1-C5 (35 students) 25 minutes, then C6-C7 (18 more;
+C1's tiny students are reused) 17 minutes. Results: jobs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
