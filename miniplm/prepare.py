@@ -27,11 +27,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
+from fsspec.utils import infer_compression
 
 from miniplm import __version__, io
 from miniplm.config import describe, field, to_dict
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+CODECS = {".zst": "zstandard"}  # the package fsspec needs for a compression outside the standard library
 FORMATS = {".jsonl": "json", ".ndjson": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 INSTANCE_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()),
                              ("n_bytes", pa.int64()), ("source", pa.string())])
@@ -114,7 +116,17 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     urls = sorted(set(urls))
     for url in urls:
         file_format(url)
+        check_codec(url)
     return urls
+
+
+def check_codec(url: str) -> None:
+    """Refuse a compressed file fsspec cannot decompress here: opened with
+    `compression="infer"`, it would be read as its compressed bytes, every row a bad one."""
+    ext = posixpath.splitext(url)[1].lower()
+    if ext in COMPRESSIONS and infer_compression(url) is None:
+        hint = f"; pip install {CODECS[ext]}" if ext in CODECS else ""
+        raise ValueError(f"{url}: fsspec cannot decompress {ext} files in this environment{hint}")
 
 
 def _is_corpus_file(path: str) -> bool:

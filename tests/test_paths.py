@@ -85,3 +85,37 @@ def test_a_submitted_job_refuses_relative_paths(tmp_path, monkeypatch):
     absolute = build_parser().parse_args(["score", "--instances", "/data/instances", "--model",
                                           "s3://b/t", "--output", "/data/scores"])
     assert resolve(absolute)[0].output == "/data/scores"
+
+
+REMOTE_CORPUS = ["s3://bucket/prefix/*.jsonl.zst", "hf://datasets/org/name/data/*.parquet"]
+
+
+def test_corpus_urls_and_globs_are_never_rewritten(tmp_path, monkeypatch):
+    """Corpora in object stores and on the Hub, named as users name them (globs included), keep
+    every character through the path resolution of each place a corpus is named: `miniplm
+    prepare`'s inputs, and a pipeline YAML's corpus.inputs and corpus.heldout as `miniplm run`
+    and `miniplm plan` load it (the pipeline hands them to prepare as they are). Nothing here
+    lists or opens them: resolution needs no network."""
+    import yaml
+
+    from miniplm.pipeline import DEMO_CONFIG
+    from miniplm.plan import Plan, load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = resolve(build_parser().parse_args(["prepare", *REMOTE_CORPUS, "local/*.jsonl",
+                                                "--output", "work/instances"]))
+    assert cfg.inputs == [*REMOTE_CORPUS, str(tmp_path / "local" / "*.jsonl")]  # a local glob: absolute
+
+    with open(DEMO_CONFIG) as f:
+        values = yaml.safe_load(f)
+    values["corpus"] = {"inputs": REMOTE_CORPUS, "heldout": REMOTE_CORPUS[::-1]}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(values))
+    cfg, _ = resolve(build_parser().parse_args(["run", "pipeline.yaml"]))
+    plan = Plan(config="pipeline.yaml", output=None, tflops=1.0)
+    planned, _ = load_config("pipeline.yaml", [], plan)
+    for pipeline in (cfg, planned):
+        assert pipeline.corpus.inputs == REMOTE_CORPUS
+        assert pipeline.corpus.heldout == REMOTE_CORPUS[::-1]
+        assert pipeline.output == str(tmp_path / "runs" / "demo")
+    assert not plan.problems
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml"]  # nothing made for a URL
