@@ -38,7 +38,7 @@ def main() -> None:
                       scaling_seeds=args.scaling_seeds, tokens=int(args.tokens))
     if args.quick:
         cfg = StudyConfig(run=cfg.run, claims=cfg.claims, seeds=[0, 1], scaling_seeds=[0, 1], tokens=65536,
-                          batch_tokens=1024, eval_bytes=8000)
+                          batch_tokens=1024, eval_every=16, eval_bytes=8000)
     summary = run_study(cfg)
     print("\n" + tables(summary))
 

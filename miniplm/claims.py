@@ -97,6 +97,7 @@ class StudyConfig:
     tokens: int = 400_000         # per LM-only student; KD students get the same FLOPs
     eval_bytes: int = EVAL_BYTES  # per evaluation set: the demo's
     batch_tokens: int | None = None  # default: the run's own
+    eval_every: int | None = None    # held-out curve points every this many steps (default: the run's)
     alpha: float = 0.5            # the run's selection alpha (set from its pipeline.json)
 
     def __post_init__(self):
@@ -188,8 +189,8 @@ def run_study(cfg: StudyConfig) -> dict:
 
     pcfg = saved_pipeline(cfg.run)
     cfg = dataclasses.replace(cfg, alpha=pcfg.selection.alpha)
-    if cfg.batch_tokens:
-        pcfg = dataclasses.replace(pcfg, train=dataclasses.replace(pcfg.train, batch_tokens=cfg.batch_tokens))
+    train = {k: v for k, v in (("batch_tokens", cfg.batch_tokens), ("eval_every", cfg.eval_every)) if v}
+    pcfg = dataclasses.replace(pcfg, train=dataclasses.replace(pcfg.train, **train))
     io.check_made_by(cfg.run, "run", marker="pipeline.json")
     with io.hold(cfg.run, "run"):
         return _study(cfg, pcfg)
@@ -203,8 +204,8 @@ def _study(cfg: StudyConfig, pcfg) -> dict:
 
     root = os.path.join(cfg.run, "claims")
     init_ray()
-    arms = {name: ARMS[name] for name in arm_seeds(cfg)}
     seeds = arm_seeds(cfg)
+    arms = {name: ARMS[name] for name in seeds}
     paths = corpora(pcfg, root, {a.corpus for a in arms.values()})
     teacher = resolve_builtin(pcfg.teacher.checkpoint) or os.path.join(cfg.run, "teacher", "final")
     tokenizers = {"llama": resolve_builtin(pcfg.tokenizer) or os.path.join(cfg.run, "tokenizer")}
