@@ -123,22 +123,21 @@ def arm_seeds(cfg: StudyConfig) -> dict[str, list[int]]:
 
 
 def corpora(pcfg, root: str, names: set[str]) -> dict[str, str]:
-    """The instances folder of each corpus: the run's own, or a selection made here once."""
+    """The instances folder of each corpus: the run's own, or a selection made here (which the
+    select stage reuses while its tables and settings are unchanged)."""
     from miniplm.select import SelectConfig, run_select
 
     run, s = pcfg.output, pcfg.selection
-    # half: the run's own vanilla corpus, a random selection of the refined corpus's size
-    paths = {"pool": os.path.join(run, "pool"), "refined": os.path.join(run, "refined"),
-             "half": os.path.join(run, "random")}
-    made_here = {"teacher": ("teacher", s.alpha), "quarter": ("random", s.alpha / 2)}
-    for name in sorted(names & made_here.keys()):
+    paths = {"pool": os.path.join(run, "pool"), "refined": os.path.join(run, "refined")}
+    if os.path.exists(os.path.join(run, "random", io.MANIFEST)):
+        paths["half"] = os.path.join(run, "random")  # the run's own vanilla corpus: the refined one's size
+    made_here = {"teacher": ("teacher", s.alpha), "half": ("random", s.alpha), "quarter": ("random", s.alpha / 2)}
+    for name in sorted(names & made_here.keys() - paths.keys()):
         method, alpha = made_here[name]
-        out = os.path.join(root, "corpora", name)
-        if not os.path.exists(os.path.join(out, io.MANIFEST)):
-            run_select(SelectConfig(instances=paths["pool"], teacher=os.path.join(run, "scores", "teacher"),
-                                    reference=os.path.join(run, "scores", "reference"), output=out,
-                                    alpha=alpha, method=method, normalize=s.normalize, seed=s.seed))
-        paths[name] = out
+        paths[name] = os.path.join(root, "corpora", name)
+        run_select(SelectConfig(instances=paths["pool"], teacher=os.path.join(run, "scores", "teacher"),
+                                reference=os.path.join(run, "scores", "reference"), output=paths[name],
+                                alpha=alpha, method=method, normalize=s.normalize, seed=s.seed))
     return paths
 
 
