@@ -33,7 +33,7 @@ import os
 import statistics
 
 from miniplm import io
-from miniplm.evalsets import EVAL_BYTES
+from miniplm.evalsets import EVAL_BYTES, pool_folder
 
 SIZES = {  # C6: llama students of three widths (tiny is the demo's student)
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4),
@@ -128,7 +128,7 @@ def corpora(pcfg, root: str, names: set[str]) -> dict[str, str]:
     from miniplm.select import SelectConfig, run_select
 
     run, s = pcfg.output, pcfg.selection
-    paths = {"pool": os.path.join(run, "pool"), "refined": os.path.join(run, "refined")}
+    paths = {"pool": pool_folder(run), "refined": os.path.join(run, "refined")}
     if os.path.exists(os.path.join(run, "random", io.MANIFEST)):
         paths["half"] = os.path.join(run, "random")  # the run's own vanilla corpus: the refined one's size
     made_here = {"teacher": ("teacher", s.alpha), "half": ("random", s.alpha), "quarter": ("random", s.alpha / 2)}
@@ -145,7 +145,7 @@ def cross_tokenizer(pcfg, root: str) -> str:
     from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
 
     out = os.path.join(root, "cross-tokenizer")
-    return run_train_tokenizer(TokenizerConfig(instances=os.path.join(pcfg.output, "pool"), output=out,
+    return run_train_tokenizer(TokenizerConfig(instances=pool_folder(pcfg.output), output=out,
                                                vocab_size=CROSS_VOCAB))
 
 

@@ -99,12 +99,17 @@ def capped(texts: list[str], max_bytes: int, seed: str) -> list[str]:
     return out
 
 
+def pool_folder(run: str) -> str:
+    """What a run's students select from and train on: the pool, or all the instances when the
+    reference was given (no D_ref split off)."""
+    pool = os.path.join(run, "pool")
+    return pool if os.path.exists(os.path.join(pool, io.MANIFEST)) else os.path.join(run, "instances")
+
+
 def build_eval_sets(run: str, max_bytes: int = EVAL_BYTES) -> list[EvalSet]:
     """The sets above for a finished demo/pipeline run folder, each at most `max_bytes` (a source
     D_ref does not hold, or a run without D_ref, has no slice)."""
-    pool = os.path.join(run, "pool")  # what students train on: the instances when D_ref is not split off
-    guard = Decontaminator(read_texts(pool if os.path.exists(os.path.join(pool, io.MANIFEST))
-                                      else os.path.join(run, "instances")))
+    guard = Decontaminator(read_texts(pool_folder(run)))
     raw = [("heldout", read_texts(os.path.join(run, "heldout")), f"{run}/heldout")]
     if os.path.exists(os.path.join(run, "d_ref", io.MANIFEST)):  # D_ref is split off when the reference trains here
         raw += [(source, read_texts(os.path.join(run, "d_ref"), source), f"{run}/d_ref, source {source}")
