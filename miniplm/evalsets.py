@@ -136,24 +136,36 @@ def evaluate_on_sets(model_dir: str, sets: list[EvalSet], cache: str) -> dict[st
     if cached.get("model") != fingerprint:
         cached = {"model": fingerprint, "bits_per_byte": {}}
     keys = {s.name: f"{s.name}:{io.hash_json(s.texts)}" for s in sets}
-    for s in sets:
-        if keys[s.name] not in cached["bits_per_byte"]:
-            cached["bits_per_byte"][keys[s.name]] = bits_per_byte(model_dir, s.texts)
-    io.write_json(cache, cached)
+    missing = {s.name: s.texts for s in sets if keys[s.name] not in cached["bits_per_byte"]}
+    if missing:
+        for name, bits in bits_per_byte(model_dir, missing).items():
+            cached["bits_per_byte"][keys[name]] = bits
+        io.write_json(cache, cached)
     return {name: cached["bits_per_byte"][key] for name, key in keys.items()}
 
 
-def bits_per_byte(model_dir: str, texts: list[str], batch_tokens: int = 16384) -> float:
-    """-sum log p / (ln 2 x UTF-8 bytes) of the texts under a local checkpoint, scored in this
-    process with the score stage's exact windowed log-likelihoods (`miniplm.logprob`)."""
+def bits_per_byte(model_dir: str, texts: dict[str, list[str]], batch_tokens: int = 16384) -> dict[str, float]:
+    """Per set of texts, -sum log p / (ln 2 x UTF-8 bytes) under a local checkpoint (loaded once),
+    scored in this process with the score stage's exact windowed log-likelihoods."""
+    from transformers.utils import logging as hf_logging
+
     from miniplm.logprob import SequenceScorer, context_length, prefix_token_id
     from miniplm.models import load_model, load_tokenizer
 
-    model = load_model(model_dir, device="cpu", dtype="float32")
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a weights-loading bar per model is noise in the demo's console
+    try:
+        model = load_model(model_dir, device="cpu", dtype="float32")
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     tok = load_tokenizer(model_dir)
     context = context_length(model.config)
     scorer = SequenceScorer(model, max_length=context, stride=context // 2, batch_tokens=batch_tokens,
                             prefix_id=prefix_token_id(tok))
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    logprob = float(scorer.score([np.asarray(x, dtype=np.int64) for x in ids]).sum())
-    return -logprob / (math.log(2) * sum(len(t.encode()) for t in texts))
+    out = {}
+    for name, batch in texts.items():
+        ids = tok(batch, add_special_tokens=False)["input_ids"]
+        logprob = float(scorer.score([np.asarray(x, dtype=np.int64) for x in ids]).sum())
+        out[name] = -logprob / (math.log(2) * sum(len(t.encode()) for t in batch))
+    return out

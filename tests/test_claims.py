@@ -61,7 +61,7 @@ def test_bits_per_byte_is_the_models_own_loss(llama_dir, documents):
             loss = model(input_ids=ids, labels=ids).loss.item()
         total += loss * (ids.shape[1] - 1)
     expected = total / (math.log(2) * sum(len(t.encode()) for t in texts))
-    assert bits_per_byte(str(llama_dir), texts) == pytest.approx(expected, rel=1e-4)
+    assert bits_per_byte(str(llama_dir), {"a": texts})["a"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_verdicts_follow_the_rule():
