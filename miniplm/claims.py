@@ -167,15 +167,17 @@ def model_file(root: str, arm: Arm, tokenizer: str, seq_len: int) -> str:
 
 
 def flops_per_token(config_path: str, tokenizer: str, seq_len: int, teacher: str | None) -> tuple[int, int]:
-    """(student training, teacher forward) FLOPs per token, by the training loop's own count."""
-    from transformers import AutoModelForCausalLM
+    """(student training, teacher forward) FLOPs per token, by the training loop's own count, on
+    models built on the meta device from their configs (no weights allocated or read)."""
+    from transformers import AutoConfig
 
     from miniplm.distill import flops_per_token as count
-    from miniplm.models import ModelSpec, load_model, load_tokenizer, model_config
+    from miniplm.models import ModelSpec, load_tokenizer, model_config
+    from miniplm.plan import meta_model
 
-    student = AutoModelForCausalLM.from_config(
-        model_config(ModelSpec(preset=None, config=config_path, tokenizer=tokenizer), load_tokenizer(tokenizer), seq_len))
-    t = count(load_model(teacher, device="cpu", dtype="float32"), seq_len, training=False) if teacher else 0
+    student = meta_model(model_config(ModelSpec(preset=None, config=config_path, tokenizer=tokenizer),
+                                      load_tokenizer(tokenizer), seq_len))
+    t = count(meta_model(AutoConfig.from_pretrained(io.local_copy(teacher))), seq_len, training=False) if teacher else 0
     return count(student, seq_len, training=True), t
 
 
