@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from typing import Callable
 
-from miniplm import __version__
+from miniplm import __version__, console
 from miniplm.config import absolute_paths, add_arguments, from_namespace
 
 
@@ -34,21 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
         "MiniPLM on Ray: score a corpus with a teacher and a reference LM, keep the instances "
         "the teacher knows much better (Difference Sampling), pre-train students on them."))
     parser.add_argument("--version", action="version", version=f"miniplm {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    # accepted before or after the command: `miniplm --verbose demo` and `miniplm demo --verbose`
+    common = argparse.ArgumentParser(add_help=False)
+    for p in (parser, common):
+        default = False if p is parser else argparse.SUPPRESS
+        p.add_argument("--verbose", action="store_true", default=default,
+                       help="also print each stage's resolved config and Ray's own logs")
+        p.add_argument("--debug", action="store_true", default=default,
+                       help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = functools.partial(sub.add_parser, parents=[common])
     for name, (cls, _, help_text) in _stages().items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = command(name, help=help_text, description=help_text)
         add_arguments(p, cls)
         p.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, a running "
                                          "local cluster, or a new in-process one)")
-    train = sub.add_parser("train", help="pre-train a causal LM on an instances dataset (Ray Train)",
+    train = command("train", help="pre-train a causal LM on an instances dataset (Ray Train)",
                            description="pre-train a causal LM on an instances dataset (Ray Train); "
                                        "every config key can be set or overridden with --set")
     train.add_argument("--config", help="YAML file with the TrainConfig (see jobs/configs/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="dotted override, e.g. --set data.seq_len=512 tokens=1e6 (repeatable)")
     train.add_argument("--address", help="Ray cluster to use")
-    run = sub.add_parser("run", help="the whole pipeline from one YAML (skips finished steps)")
+    run = command("run", help="the whole pipeline from one YAML (skips finished steps)")
     run.add_argument("config", help="pipeline YAML (see miniplm/configs/demo.yaml, jobs/configs/pile-qwen.yaml)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="dotted override, e.g. --set selection.alpha=0.3 (repeatable)")
@@ -57,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "doing no work")
     run.add_argument("--tflops", type=float, default=200.0, help="with --dry-run: achieved TFLOP/s per GPU "
                                                                  "for GPU-hours (default: 200)")
-    plan = sub.add_parser("plan", help="resolve and check a pipeline YAML, print its steps, FLOPs, GPU-hours "
+    plan = command("plan", help="resolve and check a pipeline YAML, print its steps, FLOPs, GPU-hours "
                                        "and disk; writes nothing",
                           description="Resolve every input of a pipeline YAML (the one `miniplm run` takes) "
                                       "without doing any work or writing anything: files listed and sized, model "
@@ -75,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="achieved TFLOP/s per GPU for GPU-hours (default: 200, bf16 on an H100 at ~20%% "
                            "of peak; measure yours with jobs/bench_score.py)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    demo = sub.add_parser("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
+    demo = command("demo", help="the whole pipeline on a built-in sample corpus with tiny models")
     demo.add_argument("--quick", action="store_true", help="a smoke version (a few minutes on 2 CPUs)")
     demo.add_argument("--with-kd", action="store_true", help="add a vanilla-KD student (the paper's "
                       "online-distillation baseline) at about the other students' total FLOPs")
@@ -87,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    console.set_verbose(args.verbose)
     if args.command == "plan" or getattr(args, "dry_run", False):
         return plan(args, parser)
     if args.address:

@@ -92,13 +92,13 @@ def build(workdir: str, output: str = ASSET) -> dict:
     import torch
     import transformers
 
-    from miniplm.pipeline import DEMO_CONFIG, Steps, load_pipeline, prepare_data, train_model
+    from miniplm.pipeline import DEMO_CONFIG, Steps, load_pipeline, prepare_data, step_markers, train_model
     from miniplm.runtime import init_ray
 
     cfg = load_pipeline(DEMO_CONFIG, [f"output={workdir}", *RECIPE])
     os.makedirs(cfg.output, exist_ok=True)
     init_ray()
-    step = Steps()
+    step = Steps(step_markers(cfg))
     data = prepare_data(cfg, step)
     final = train_model(cfg, step, "teacher", data)
     done = io.read_json(os.path.join(cfg.output, "teacher", "_done.json"))

@@ -13,7 +13,7 @@ import math
 import os
 import posixpath
 
-from miniplm import __version__, io
+from miniplm import __version__, console, io
 from miniplm.config import describe, field, to_dict
 
 # The MiniPLM paper's 9 zero-shot tasks (lm-evaluation-harness names); needs internet for
@@ -41,13 +41,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     from miniplm.io import read_instances_manifest
     from miniplm.score import ScoreConfig, run_score
 
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     instances = read_instances_manifest(cfg.data)
     scores_dir = posixpath.splitext(cfg.output)[0] + ".scores"
     scores = run_score(ScoreConfig(instances=cfg.data, model=cfg.model, output=scores_dir,
                                    max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
                                    cpus_per_worker=cfg.cpus_per_worker,
-                                   device=cfg.device, overwrite=_stale(scores_dir, cfg.model)))
+                                   device=cfg.device, overwrite=_stale(scores_dir, cfg.model)),
+                       say=console.detail)
     logprob = scores["logprob"]  # summed by the score stage as it checked its table
     n_bytes = instances["bytes"]
     loss = -logprob / scores["tokens"]

@@ -94,10 +94,8 @@ def train_loop(loop_config: dict) -> None:
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
         torch.set_rng_state(saved["rng"])
-    if rank == 0:
+    if rank == 0:  # the driver's progress bar follows this log (miniplm.progress)
         metrics = MetricsLog(io.join(cfg.output, "metrics.jsonl"), resume_step=state["step"])
-        if checkpoint:
-            print(f"train: resumed from step {state['step']} ({state['tokens']} tokens)", flush=True)
 
     eval_seqs = None
     if loop_config.get("eval_cache") and rank == 0:
@@ -105,9 +103,6 @@ def train_loop(loop_config: dict) -> None:
         eval_seqs = torch.from_numpy(read_sequences(root, manifest, cfg.eval.max_sequences))
     peak, peak_source = ((cfg.peak_flops, "config: peak_flops") if cfg.peak_flops else
                          distill.table_peak(device) or (measure_peak_flops(device), "measured matmul rate"))
-    if rank == 0:
-        print(f"train: FLOPs {objective.flops_formula(cfg.data.seq_len)}; MFU against "
-              f"{peak:.3g} FLOP/s ({peak_source})", flush=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
 
     resumed_from = state["step"]
@@ -116,7 +111,6 @@ def train_loop(loop_config: dict) -> None:
                            window=cfg.data.shuffle_window, micro_batch=cfg.micro_batch)
     batches = micro_batches(sampler, state)
     seq_tokens = cfg.micro_batch * cfg.data.seq_len
-    bar = _progress(rank, cfg.total_steps, state["step"])
     last_time = time.perf_counter()
     for step in range(state["step"], cfg.total_steps):
         for group in opt.param_groups:
@@ -169,8 +163,6 @@ def train_loop(loop_config: dict) -> None:
         if checkpoint_now and world > 1:  # DDP health: every replica must hold the same weights
             row["replica_param_sums"] = replica_param_sums(raw_model, world)
         if rank == 0:
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             noteworthy = last or checkpoint_now or row.keys() & {"eval_loss", "resumed_from", "flops_formula"}
             if state["step"] % cfg.log_every == 0 or noteworthy:
                 metrics.append(row)
@@ -179,7 +171,6 @@ def train_loop(loop_config: dict) -> None:
                 metrics.flush()
             save_checkpoint(raw_model, opt, state, rank, row, loop_config["run"])
     if rank == 0:
-        bar.close()
         metrics.flush()
         save_final(raw_model, cfg)
 
@@ -356,8 +347,3 @@ class _null:
     def __exit__(self, *exc):
         return False
 
-
-def _progress(rank: int, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=rank != 0)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miniplm import demo_teacher, io
+from miniplm import console, demo_teacher, io
 from miniplm.config import describe, field, to_dict
 from miniplm.demo_teacher import BUILTIN
 from miniplm.models import PRESETS, is_tokenizer_dir
@@ -196,20 +196,26 @@ def _check_preset(key: str, preset: str | None) -> None:
 class Steps:
     """Runs named steps, timing each and telling whether it ran or reused its output."""
 
-    def __init__(self):
+    def __init__(self, names: list[str] = ()):
+        self.names = list(names)  # every step of the run, in order, for "[3/15]"
         self.log: list[tuple[str, str, float]] = []
 
     def __call__(self, name: str, marker: str, fn, *args, **kwargs):
         before = _mtime(marker)
         started = time.time()
-        print(f"\n=== {name} ===", flush=True)
+        place = f"[{self.names.index(name) + 1}/{len(self.names)}] " if name in self.names else ""
+        print(f"{place}{name}", flush=True)
         result = fn(*args, **kwargs)
         status = "reused" if before is not None and _mtime(marker) == before else "ran"
         self.log.append((name, status, time.time() - started))
-        print(f"=== {name}: {status} in {time.time() - started:.1f}s ===", flush=True)
         return result
 
     def table(self) -> str:
+        """One line (the full table with --verbose): how many steps ran or were reused, in how long."""
+        ran = sum(status == "ran" for _, status, _ in self.log)
+        seconds = sum(t for *_, t in self.log)
+        if not console.verbose():
+            return f"total: {len(self.log)} steps, {ran} ran, {len(self.log) - ran} reused, in {seconds:.1f}s"
         lines = [f"{'step':36} {'status':8} {'seconds':>8}"]
         lines += [f"{n:36} {s:8} {t:8.1f}" for n, s, t in self.log]
         lines.append(f"{'total':36} {'':8} {sum(t for *_, t in self.log):8.1f}")
@@ -324,7 +330,7 @@ def step_markers(cfg: PipelineConfig) -> dict[str, str]:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run (or resume) the pipeline into `cfg.output`, which this run holds until it ends."""
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     io.check_made_by(cfg.output, "run", marker="pipeline.json")
     with io.hold(cfg.output, "run"):
         return _run_into(cfg)
@@ -341,9 +347,9 @@ def _run_into(cfg: PipelineConfig) -> dict:
     out = cfg.output
     io.write_json(os.path.join(out, "pipeline.json"), to_dict(cfg))
     init_ray()
-    step = Steps()
-    p = lambda *names: os.path.join(out, *names)  # noqa: E731
     marker = step_markers(cfg)
+    step = Steps(list(marker))
+    p = lambda *names: os.path.join(out, *names)  # noqa: E731
 
     data = prepare_data(cfg, step)
     pool, tokenizer = data["pool"], data["tokenizer"]
@@ -386,10 +392,10 @@ def _run_into(cfg: PipelineConfig) -> dict:
     if "eval students per source" in marker:
         by_set = step("eval students per source", marker["eval students per source"], eval_per_source, cfg)
     if os.path.exists(p("refined", "report.json")):
-        print("\n" + kept_per_source(io.read_json(p("refined", "report.json"))))
+        print(kept_per_source(io.read_json(p("refined", "report.json"))))
     if by_set:
-        print("\n" + per_source_table(by_set))
-    print("\n" + step.table())
+        print(per_source_table(by_set))
+    print(step.table())
     return {"summary": summary, "steps": step.log}
 
 
@@ -415,7 +421,7 @@ def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
         inputs, heldout = [p("sample", "train")], heldout or [p("sample", "heldout")]
     if cfg.teacher.checkpoint == BUILTIN:
         sample = p("sample", io.MANIFEST) if cfg.corpus.inputs == ["sample"] else None
-        print("\n" + demo_teacher.describe(io.read_json(sample)["fingerprint"] if sample else None))
+        print(demo_teacher.describe(io.read_json(sample)["fingerprint"] if sample else None))
     if not heldout:
         raise ValueError("corpus.heldout: give held-out evaluation files (or use the sample corpus)")
     step("prepare corpus", marker["prepare corpus"], run_prepare,

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.utils import infer_compression
 
-from miniplm import __version__, io
+from miniplm import __version__, console, io
 from miniplm.config import describe, field, to_dict
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -515,7 +515,7 @@ def _prepare_files(batch: dict, cfg: PrepareConfig) -> dict:
 
 def run_prepare(cfg: PrepareConfig) -> dict:
     """Run the prepare stage; returns its manifest."""
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     started = time.time()
     urls = expand_inputs(cfg.inputs)
     inputs = [p for p in cfg.inputs if not any(c in p for c in "*?[")] + urls
@@ -531,7 +531,6 @@ def run_prepare(cfg: PrepareConfig) -> dict:
 
 def _prepare_files_into(cfg: PrepareConfig, urls: list[str], started: float) -> dict:
     import ray
-    from tqdm.auto import tqdm
 
     from miniplm.runtime import init_ray
 
@@ -546,7 +545,7 @@ def _prepare_files_into(cfg: PrepareConfig, urls: list[str], started: float) -> 
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(_prepare_files, fn_kwargs={"cfg": cfg}, batch_size=1,
                             compute=ray.data.TaskPoolStrategy(), num_cpus=1)
-        bar = tqdm(total=len(todo), desc="prepare", unit="file")
+        bar = console.progress(len(todo), desc="prepare", unit="file")
         for row in ds.iter_rows():
             stats = json.loads(row["stats"])
             done[stats["file_index"]] = stats
@@ -611,6 +610,4 @@ def summary(manifest: dict) -> str:
     if skipped:
         lines.append(f"  skipped {sum(skipped.values())} bad rows: "
                      + ", ".join(f"{k}={v}" for k, v in skipped.items()))
-    else:
-        lines.append("  skipped 0 bad rows")
     return "\n".join(lines)

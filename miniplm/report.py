@@ -24,7 +24,7 @@ from io import BytesIO
 
 import numpy as np
 
-from miniplm import io
+from miniplm import console, io
 from miniplm.config import describe, field
 from miniplm.loop import load_metrics
 
@@ -150,7 +150,7 @@ def fit_power_law(curve: Curve) -> dict | None:
 
 
 def run_report(cfg: ReportConfig) -> dict:
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     runs = [load_run(p) for p in cfg.runs]
     for run in runs:
         if not len(run["curve"].flops):
@@ -192,11 +192,12 @@ def run_report(cfg: ReportConfig) -> dict:
     table = markdown_table(summary)
     io.write_bytes(io.join(cfg.output, "report.md"), (table + "\n").encode())
     io.write_bytes(io.join(cfg.output, "loss_vs_flops.png"), plot_curves(runs, summary))
-    print(table)
+    print(markdown_table(summary, brief=not console.verbose()), flush=True)
     return summary
 
 
-def markdown_table(summary: dict) -> str:
+def markdown_table(summary: dict, brief: bool = False) -> str:
+    """The runs' table and the compute-saving factor; unless `brief`, how FLOPs were counted too."""
     tasks = sorted({t for r in summary["runs"].values() for t in r.get("tasks", {})})
     equal = summary.get("equal_flops")
     head = ["run", "tokens", "student FLOPs", "teacher FLOPs", "total FLOPs", "held-out loss",
@@ -214,21 +215,23 @@ def markdown_table(summary: dict) -> str:
                                         f"{r['final_eval_loss']:.4f}",
                                         f"{at_equal:.4f}" if at_equal is not None else "-", offline,
                                         bpb, *accs]) + " |")
-    lines += ["", "FLOPs: student 6N + attention per token trained, online KD teacher 2N + attention per "
+    notes = ["", "FLOPs: student 6N + attention per token trained, online KD teacher 2N + attention per "
                   "token (N: weights multiplied per token, LM head included); total = their sum."]
     if equal:
-        lines.append(f"Runs compared at {equal:.3g} total FLOPs, the smallest budget all of them reached.")
+        notes.append(f"Runs compared at {equal:.3g} total FLOPs, the smallest budget all of them reached.")
     for names, off in _offline_passes(summary).values():
         if off["flops"]:
-            lines.append(f"- offline teacher pass behind {', '.join(names)}: {off['flops']:.3g} FLOPs once "
+            notes.append(f"- offline teacher pass behind {', '.join(names)}: {off['flops']:.3g} FLOPs once "
                          f"({off['why']}), shared by the {off['students']} student(s) here: "
                          f"{off['flops_per_student']:.3g} each; not in the curves, which count training FLOPs")
         else:
-            lines.append(f"- offline teacher pass behind {', '.join(names)}: FLOPs unknown ({off['why']})")
+            notes.append(f"- offline teacher pass behind {', '.join(names)}: FLOPs unknown ({off['why']})")
+    if not brief:
+        lines += notes
     factor = summary["compute_saving_factor"]
     if summary["treatment"]:
         said = f"{factor:.2f}x" if factor is not None else "not reached"
-        lines += ["", f"Compute-saving factor of {summary['treatment']} over {summary['baseline']}: {said} "
+        lines += [""] * (not brief) + [f"Compute-saving factor of {summary['treatment']} over {summary['baseline']}: {said} "
                       f"(FLOPs to reach {summary['baseline']}'s final held-out loss)"]
     for name, r in summary["runs"].items():
         if r["power_law"]:

@@ -9,6 +9,8 @@ from typing import Callable, Iterator
 
 import ray
 
+from miniplm import console
+
 
 class ClusterUnreachable(RuntimeError):
     """The Ray cluster to attach to does not answer."""
@@ -18,9 +20,11 @@ def init_ray(address: str | None = None) -> None:
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
         check_reachable(address)
-        # Ray Data's per-operator progress bars flood a terminal; our stages draw their own.
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        ray.init(address=address, logging_level=logging.WARNING)
+        console.quiet_ray()
+        # workers' output (HF loading bars, Ray Train's controller) stays in Ray's log files
+        with console.ray_starting():
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=console.verbose())
+    console.quiet_ray_data()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -79,13 +83,11 @@ def cluster_cpus() -> float:
 def map_parts(fn: Callable, calls: list[tuple], desc: str, num_cpus: float = 1) -> Iterator[tuple[int, object]]:
     """`fn(*args)` for each args in `calls`, one Ray task each, a few in flight; yields
     (index, result) as tasks finish. A task's own error is raised as that error."""
-    from tqdm.auto import tqdm
-
     remote = ray.remote(num_cpus=num_cpus)(fn)
     todo = iter(enumerate(calls))
     in_flight: dict = {}
     window = max(2, int(2 * cluster_cpus()))
-    bar = tqdm(total=len(calls), desc=desc, unit="part")
+    bar = console.progress(len(calls), desc=desc, unit="part")
     try:
         for i, args in todo:
             in_flight[remote.remote(*args)] = i

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from miniplm import __version__, hub, io
+from miniplm import __version__, console, hub, io
 from miniplm.config import describe, field, to_dict
 from miniplm.encode import text_encoder, tokenize_part
 from miniplm.io import read_instances_manifest
@@ -203,15 +203,17 @@ class ScoreActor:
 # ---------------------------------------------------------------- the stage
 
 
-def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = None) -> dict:
+def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = None,
+              say: Callable[[str], None] = print) -> dict:
     """Run the score stage; returns its manifest. `on_part_written(name)` is called after
-    each finished output part (progress hooks; tests use it to interrupt a run)."""
+    each finished output part (progress hooks; tests use it to interrupt a run); `say` prints
+    the summary line (a stage built on this one, eval, prints its own)."""
     import ray
 
     from miniplm.logprob import context_length
     from miniplm.runtime import init_ray
 
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     started = time.time()
     instances = read_instances_manifest(cfg.instances)
     check_model_dir(cfg.model)
@@ -242,11 +244,11 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
                          inputs=[cfg.instances, cfg.model]) as finished:
         if finished:
             manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
-            print(f"score: {cfg.output} is already complete ({manifest['rows']} rows); nothing to do")
+            say(f"score: {cfg.output} is already complete ({manifest['rows']} rows); nothing to do")
             return manifest
         manifest = _score_into(cfg, instances, provenance, device=device, dtype=dtype, max_length=max_length,
                                stride=stride, on_part_written=on_part_written, started=started)
-    print(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
+    say(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
           f"token {manifest['mean_logprob_per_token']:.4f}, in {manifest['seconds']:.1f}s -> {cfg.output}")
     return manifest
 
@@ -317,22 +319,18 @@ def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype:
         batch_format="pyarrow",
         num_gpus=cfg.gpus_per_worker if device == "cuda" else 0,
         num_cpus=cfg.cpus_per_worker,
-        # a lost actor (preempted node, OOM-killed process) is restarted and its part retried
-        # instead of failing a days-long pass; said here, not left to Ray Data's defaults.
-        # A part that kills its worker every time is bounded by `max_tries` (ScoreActor).
-        max_restarts=-1,
-        max_task_retries=-1,
+        # a lost actor (preempted node, OOM-killed process) is restarted and its part retried:
+        # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1 (passing them
+        # is deprecated). A part that kills its worker every time is bounded by `max_tries`.
     )
 
 
 def _collect_parts(ds, output: str, expected: dict[str, int], provenance: dict,
                    on_part_written: Callable[[str], None] | None) -> None:
     """Buffer score rows per input part; write a part the moment its last row arrives."""
-    from tqdm.auto import tqdm
-
     buffers: dict[str, list[pa.Table]] = collections.defaultdict(list)
     counts: collections.Counter = collections.Counter()
-    bar = tqdm(total=sum(expected.values()), desc="score", unit="inst")
+    bar = console.progress(sum(expected.values()), desc="score", unit="inst")
     tokens, started = 0, time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         names = np.array(batch.column("part").to_pylist())

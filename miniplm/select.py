@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miniplm import __version__, io
+from miniplm import __version__, console, io
 from miniplm.config import describe, field, to_dict
 from miniplm.prepare import INSTANCE_SCHEMA
 from miniplm.runtime import map_parts
@@ -148,8 +148,9 @@ def resolve_normalize(cfg: SelectConfig, t_manifest: dict, r_manifest: dict | No
     same = r_manifest is None or (t_manifest["provenance"].get("tokenizer_fingerprint")
                                   == r_manifest["provenance"].get("tokenizer_fingerprint"))
     unit = "token" if same else "byte"
-    print(f"select: normalize auto -> per {unit} (" + ("one tokenizer" if same else
-          "teacher and reference use different tokenizers") + ")", flush=True)
+    say = console.detail if same else print  # a change of unit is news; the usual case is not
+    say(f"select: normalize auto -> per {unit} (" + ("one tokenizer" if same else
+        "teacher and reference use different tokenizers") + ")")
     return dataclasses.replace(cfg, normalize=unit)
 
 
@@ -524,7 +525,7 @@ def run_select(cfg: SelectConfig) -> dict:
     """Run the select stage; returns its manifest (or, with dry_run, the report)."""
     from miniplm.io import read_instances_manifest
 
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     started = time.time()
     inst_manifest = read_instances_manifest(cfg.instances)
     fp = inst_manifest["fingerprint"]
@@ -562,10 +563,11 @@ def _select_into(cfg: SelectConfig, inst_manifest: dict, t_manifest: dict, r_man
     report = build_report(ranking.score, results, cfg, threshold)
     candidates = [row for r in results for row in r["samples"]]
     samples = samples_markdown(candidates, pick_samples(candidates, threshold), cfg, threshold)
-    print(report_summary(report), flush=True)
     if cfg.dry_run:
+        print(report_summary(report), flush=True)
         print(samples)
         return report
+    console.detail(report_summary(report))
 
     write_report_files(cfg.output, ranking.score, results, report, samples, threshold, cfg)
     out_parts = [r["part"] for r in results if r["part"]]
@@ -587,7 +589,9 @@ def _select_into(cfg: SelectConfig, inst_manifest: dict, t_manifest: dict, r_man
         "seconds": round(time.time() - started, 2),
     }
     io.write_manifest(cfg.output, manifest)
-    print(f"select: kept {kept_rows} of {len(keep)} instances -> {cfg.output}")
+    print(f"select ({report['method']}, per-{report['normalize']}): kept {kept_rows} of {len(keep)} instances, "
+          f"{report['tokens_kept']:,} of {report['tokens_total']:,} teacher tokens, threshold score "
+          f"{threshold:.4f} -> {cfg.output}", flush=True)
     return manifest
 
 

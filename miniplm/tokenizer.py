@@ -10,7 +10,7 @@ from typing import Iterator
 import fsspec
 import pyarrow.parquet as pq
 
-from miniplm import io
+from miniplm import console, io
 from miniplm.config import describe, field
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>"}
@@ -46,7 +46,7 @@ def run_train_tokenizer(cfg: TokenizerConfig) -> str:
     """Train and save the tokenizer (reused when this output holds one trained the same way)."""
     from miniplm.io import read_instances_manifest
 
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     job = {"stage": "train-tokenizer", "instances_fingerprint": read_instances_manifest(cfg.instances)["fingerprint"],
            "vocab_size": cfg.vocab_size, "max_documents": cfg.max_documents}
     with io.claim_output(cfg.output, job, overwrite=cfg.overwrite, what="a tokenizer",

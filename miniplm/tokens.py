@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miniplm import io
+from miniplm import console, io
 from miniplm.config import field
 from miniplm.encode import TextEncoder, text_encoder
 from miniplm.models import load_tokenizer, tokenizer_fingerprint
@@ -109,7 +109,7 @@ def _build(data: DataSpec, instances: dict, tokenizer_path: str, root: str) -> d
     done = {p.rsplit("/", 1)[-1] for p in io.list_parts(root)}
     todo = [{"part": name, "url": io.join(data.path, name)} for name in names if name not in done]
     if todo:
-        print(f"tokens: packing {len(todo)} of {len(instances['parts'])} parts -> {root}", flush=True)
+        console.detail(f"tokens: packing {len(todo)} of {len(instances['parts'])} parts -> {root}")
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(pack_part, fn_kwargs=dict(encoder=text_encoder(tokenizer_path), seq_len=data.seq_len,
                                                       fraction=data.fraction, seed=data.seed, output=root),

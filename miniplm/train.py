@@ -18,7 +18,7 @@ import time
 
 from fsspec.core import url_to_fs
 
-from miniplm import __version__, io
+from miniplm import __version__, console, io
 from miniplm.config import field
 from miniplm.models import PRESETS, ModelSpec, load_tokenizer_checked, model_config
 from miniplm.tokens import DataSpec, build_token_cache
@@ -143,6 +143,14 @@ class TrainConfig:
 # ---------------------------------------------------------------- the stage
 
 
+def _losses(metrics: dict | None) -> str:
+    """", loss 6.943, held-out 7.116": the last step's, for the summary line."""
+    metrics = metrics or {}
+    said = [f"loss {metrics['loss']:.3f}"] if "loss" in metrics else []
+    said += [f"held-out {metrics['eval_loss']:.3f}"] if "eval_loss" in metrics else []
+    return "".join(", " + s for s in said)
+
+
 def ray_storage(output: str) -> dict:
     """RunConfig storage arguments: checkpoints go where the run folder is. Object stores go
     through the same fsspec filesystem as every other stage, so credentials, endpoints and
@@ -215,7 +223,7 @@ def run_train(cfg: TrainConfig) -> dict:
     """Check the config, build the token caches, run the Ray Train job; returns a summary."""
     from miniplm.config import describe
 
-    print(describe(cfg), flush=True)
+    console.detail(describe(cfg))
     tokenizer = load_tokenizer_checked(cfg.model.tokenizer)
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len)  # fails before Ray starts
     if cfg.kd:
@@ -238,6 +246,7 @@ def _train_into(cfg: TrainConfig, settings: dict, hf_config) -> dict:
 
     from miniplm.config import to_dict
     from miniplm.loop import train_loop
+    from miniplm.progress import follow_metrics
     from miniplm.runtime import init_ray
 
     previous = previous_settings(cfg.output)
@@ -282,11 +291,12 @@ def _train_into(cfg: TrainConfig, settings: dict, hf_config) -> dict:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures)),
     )
-    result = trainer.fit()
+    with follow_metrics(io.join(cfg.output, "metrics.jsonl"), cfg.total_steps):
+        result = trainer.fit()
     if result.error:
         raise result.error
     summary = {"output": cfg.output, "steps": cfg.total_steps, "final": io.join(cfg.output, "final"),
                "metrics": result.metrics, "seconds": round(time.time() - started, 1), "train": to_dict(cfg)}
     io.write_json(done_path, summary)
-    print(f"train: done in {summary['seconds']}s -> {summary['final']}", flush=True)
+    print(f"train: done in {summary['seconds']}s{_losses(result.metrics)} -> {summary['final']}", flush=True)
     return summary

@@ -318,7 +318,15 @@ def demo_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("newcomer")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     miniplm = os.path.join(os.path.dirname(sys.executable), "miniplm")  # the installed command
-    result = subprocess.run([miniplm, "demo", "--quick"], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return cwd / "runs" / "demo", result.stdout
+    result = subprocess.run([miniplm, "demo", "--quick"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=900)
+    console = settled(result.stdout.decode(errors="replace"))
+    assert result.returncode == 0, console[-3000:]
+    return cwd / "runs" / "demo", console
+
+
+def settled(console: str) -> str:
+    """What a terminal shows once its progress bars settle: of the lines a bar redraws with a
+    carriage return, the last one; a bar that cleared itself (tqdm's leave=False) is gone."""
+    lines = (line.split("\r")[-1] for line in console.split("\n"))
+    return "\n".join(line for line in lines if line.strip() or not line)

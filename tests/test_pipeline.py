@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -58,6 +59,22 @@ def test_demo_quick_end_to_end(demo_run):
     assert set(by_set["runs"]) == {"vanilla", "miniplm"}
     assert all(0 < bits < 10 for run in by_set["runs"].values() for bits in run.values())
     assert "Bits per byte on each evaluation set" in stdout
+
+
+def test_the_demo_console_shows_steps_and_results_not_logs(demo_run):
+    """The quick demo as a terminal shows it once its bars settle: a line per step and its
+    summary, the tables; no resolved config, no Ray worker line, no Ray WARNING/ERROR line."""
+    _, console = demo_run
+    lines = console.rstrip("\n").split("\n")
+    assert len(lines) <= 60, console
+    assert [line for line in lines if line.startswith("[")] == [
+        f"[{i}/15] {name}" for i, name in enumerate(
+            ["sample corpus", "prepare corpus", "prepare held-out set", "split D_ref", "train reference",
+             "score teacher", "score reference", "select refined", "select random", "train student vanilla",
+             "eval student vanilla", "train student miniplm", "eval student miniplm", "report",
+             "eval students per source"], 1)]
+    assert not [line for line in lines if "pid=" in line or re.search(r"\b(WARNING|ERROR)\b|\] [EW] |\.cc:", line)]
+    assert "PipelineConfig" not in console and "TrainConfig" not in console
 
 
 @pytest.mark.timeout(600)

@@ -463,3 +463,19 @@ def test_an_hf_glob_is_expanded_and_read_by_the_filesystem_behind_hf(tmp_path, m
     _, on_disk = prepare_each_file(str(data / "*.parquet"), tmp_path / "from_disk")
     assert hub == on_disk and len(hub) >= 60
     assert {source for _, _, source in hub} == {"train"}
+
+
+def test_the_resolved_config_is_printed_only_with_verbose(corpus_dir, tmp_path, ray_session, capsys, monkeypatch):
+    from miniplm.cli import main
+
+    monkeypatch.setenv("MINIPLM_VERBOSE", "0")  # restored after the test: main() sets it
+    inputs = str(corpus_dir / "*.jsonl")
+    assert main(["prepare", inputs, "--output", str(tmp_path / "quiet")]) == 0
+    quiet = capsys.readouterr()
+    assert main(["prepare", inputs, "--output", str(tmp_path / "loud"), "--verbose"]) == 0
+    loud = capsys.readouterr()
+    assert "PrepareConfig:" not in quiet.out + quiet.err and "PrepareConfig:" in loud.out
+    assert f"  output: {tmp_path / 'loud'}" in loud.out
+    # the one summary line (the bar, on stderr, cleared itself)
+    (summary,) = quiet.out.strip().splitlines()
+    assert summary.startswith("prepare: ") and f"-> {read_instances(tmp_path / 'quiet').num_rows} instances" in summary
