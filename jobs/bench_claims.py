@@ -16,13 +16,9 @@ C1's tiny students are reused) 17 minutes. Results: jobs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/select.py)
-
-from miniplm.claims import ALL_CLAIMS, StudyConfig, run_study, tables  # noqa: E402
-from miniplm.config import absolute_path  # noqa: E402
+from miniplm.claims import ALL_CLAIMS, StudyConfig, run_study, tables
+from miniplm.config import absolute_path
 
 
 def main() -> None:

@@ -13,14 +13,10 @@ defaults); students already trained are reused, so a seed added later trains onl
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/select.py)
-
-from miniplm.config import absolute_path  # noqa: E402
-from miniplm.pipeline import saved_pipeline  # noqa: E402
-from miniplm.replicate import replicate, seeds_table, verdict  # noqa: E402
+from miniplm.config import absolute_path
+from miniplm.pipeline import saved_pipeline
+from miniplm.replicate import replicate, seeds_table, verdict
 
 
 def main() -> None:

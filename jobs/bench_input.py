@@ -13,21 +13,17 @@ process; Ray's object store is shared memory beside it).
 
 from __future__ import annotations
 
+import argparse
 import pathlib
-import sys
+import resource
+import shutil
+import tempfile
+import time
 
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/select.py)
+import numpy as np
+import pyarrow as pa
 
-import argparse  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-
-from miniplm import io  # noqa: E402
+from miniplm import io
 
 
 def write_cache(root: pathlib.Path, tokens: int, seq_len: int, parts: int) -> dict:

@@ -11,22 +11,18 @@ every process of the Ray it starts (sampled in a thread, as jobs/bench_select.py
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import pathlib
-import sys
+import resource
+import shutil
+import tempfile
+import time
 
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/prepare.py)
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from jobs.bench_select import GB, MemorySampler  # noqa: E402
+from jobs.bench_select import GB, MemorySampler
 
 WORDS = ("the model data token corpus teacher student reference score select train loss "
          "learning rate batch shard worker cluster memory disk parquet text instance part "

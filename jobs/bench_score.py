@@ -25,19 +25,16 @@ trained on the corpus.
 
 from __future__ import annotations
 
+import argparse
+import json
+import multiprocessing as mp
 import pathlib
-import sys
+import random
+import sysconfig
+import tempfile
+import threading
+import time
 
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/select.py)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import random  # noqa: E402
-import sysconfig  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
 
 def mixed_length_corpus(n_docs: int, seed: int = 0) -> list[str]:
     """Slices of standard-library source: lengths spread from a line to a few pages."""

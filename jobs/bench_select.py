@@ -11,23 +11,19 @@ once) of the Ray processes this run started, sampled in a thread.
 
 from __future__ import annotations
 
+import argparse
+import os
 import pathlib
-import sys
+import resource
+import tempfile
+import threading
+import time
 
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # repo root, not jobs/ (jobs/select.py)
+import numpy as np
+import psutil
+import pyarrow as pa
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import psutil  # noqa: E402
-
-from miniplm import io  # noqa: E402
+from miniplm import io
 
 GB = 2**30
 

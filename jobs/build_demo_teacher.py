@@ -14,11 +14,8 @@ folder to keep the shipped one and run the demo with yours as an ordinary checkp
 
 import argparse
 import pathlib
-import sys
 
-sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])  # this checkout's miniplm
-
-from miniplm.demo_teacher import ASSET, build  # noqa: E402
+from miniplm.demo_teacher import ASSET, build
 
 
 def main() -> None:

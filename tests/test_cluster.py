@@ -35,10 +35,10 @@ RAYJOBS = [p for p in MANIFESTS if p.name.startswith("rayjob")]
 
 
 def stage_config(argv: list[str]):
-    """(stage, its resolved config, the --config file or None) for `python jobs/<stage>.py ...`."""
+    """(stage, its resolved config, the --config file or None) for `python jobs/job_<stage>.py ...`."""
     python, script, *args = argv
     assert python == "python" and (REPO / script).is_file(), argv
-    stage = pathlib.Path(script).stem
+    stage = pathlib.Path(script).stem.removeprefix("job_")
     args = build_parser().parse_args([stage, *args])
     if stage == "train":
         from miniplm.train import TrainConfig

@@ -1,4 +1,4 @@
-"""The stages as Ray jobs: `ray start --head` on free ports, `ray job submit jobs/score.py`."""
+"""The stages as Ray jobs: `ray start --head` on free ports, `ray job submit jobs/job_score.py`."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def test_score_job_through_ray_job_submit(ray_head, documents, llama_dir, tmp_pa
                                          output=str(tmp_path / "instances"), rows_per_part=5))
     out = tmp_path / "scores"
     command = [RAY, "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-               sys.executable, "jobs/score.py", "--instances", str(tmp_path / "instances"),
+               sys.executable, "jobs/job_score.py", "--instances", str(tmp_path / "instances"),
                "--model", str(llama_dir), "--output", str(out), "--cpus-per-worker", "0.5"]
     for _ in range(30):  # the dashboard answers a few seconds before its job agent does
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
