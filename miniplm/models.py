@@ -16,8 +16,9 @@ from miniplm.config import field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-# preset -> (model_type, config kwargs, context). Paper students (MiniPLM, Qwen family):
-# 200M / 500M / 1.2B; llama-small and mamba-small are for KD across model families.
+# preset -> (model_type, config kwargs, context). The paper's (MiniPLM, Qwen family) reference
+# qwen-104m and students 200M / 500M / 1.2B, counted with Qwen's 151,936-token vocabulary and tied
+# embeddings; llama-small and mamba-small are for KD across model families.
 PRESETS: dict[str, tuple[str, dict, int]] = {
     "tiny": ("llama", dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=4), 1024),
@@ -25,6 +26,8 @@ PRESETS: dict[str, tuple[str, dict, int]] = {
                            num_attention_heads=4, num_key_value_heads=4), 1024),
     "small": ("llama", dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6,
                             num_attention_heads=4, num_key_value_heads=4), 1024),
+    "qwen-104m": ("qwen2", dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                                num_attention_heads=8, num_key_value_heads=8), 2048),
     "qwen-200m": ("qwen2", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                                 num_attention_heads=12, num_key_value_heads=12), 2048),
     "qwen-500m": ("qwen2", dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,

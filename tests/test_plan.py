@@ -77,10 +77,11 @@ def corpus(documents, tmp_path_factory) -> tuple[pathlib.Path, list[str]]:
     return root, docs
 
 
-def pile_overrides(root: pathlib.Path, output: pathlib.Path, reference: pathlib.Path) -> list[str]:
+def pile_overrides(root: pathlib.Path, output: pathlib.Path, reference: pathlib.Path | None) -> list[str]:
+    """pile-qwen.yaml on the test corpus; with `reference`, that checkpoint instead of training one."""
     return ["--set", f"output={output}", "--set", f"corpus.inputs={json.dumps([str(root / 'train' / '*')])}",
             "--set", f"corpus.heldout={json.dumps([str(root / 'val.jsonl')])}",
-            "--set", f"reference.checkpoint={reference}"]
+            *(["--set", f"reference.checkpoint={reference}"] if reference else [])]
 
 
 def plan_json(capsys, argv: list[str]) -> tuple[int, dict]:
@@ -201,6 +202,20 @@ def test_plan_of_pile_qwen_with_the_teacher_from_a_hub_cache(corpus, tokenizer_d
     # of a tied-embedding model, every parameter once; its token cache is vanilla-200m's (same corpus)
     disk = {s["name"]: s["disk_bytes"] for s in plan["steps"]}
     assert disk["train student kd-200m"] == matmul_params(QWEN_200M, len(tok)) * (4 + 2 * 12)
+
+    # as shipped, the YAML trains its 104M reference on D_ref: 5% of the corpus split off first
+    argv = ["plan", PILE_QWEN, *pile_overrides(root, out, None), "--json"]
+    done = subprocess.run([sys.executable, "-m", "miniplm.cli", *argv], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    plan = json.loads(done.stdout)
+    names = [s["name"] for s in plan["steps"]]
+    assert names[:4] == ["prepare corpus", "prepare held-out set", "split D_ref", "train reference"]
+    train_reference = {c["step"]: c for c in plan["costs"]}["train reference"]
+    qwen_104m = {k: QWEN_104M[k] for k in QWEN_200M}  # the qwen-104m preset: QWEN_104M's shape
+    trained = math.ceil(5e9 / 524288) * 524288  # whole steps of pile-qwen's batch_tokens
+    assert train_reference["tokens"] == trained
+    assert train_reference["flops"] == pytest.approx(training_per_token(qwen_104m, len(tok), 1024) * trained, rel=1e-9)
 
 
 def test_missing_inputs_and_checkpoint_are_each_named(corpus, tmp_path, capsys):
