@@ -15,7 +15,8 @@ folder to keep the shipped one and run the demo with yours as an ordinary checkp
 import argparse
 import pathlib
 
-from miniplm.demo_teacher import ASSET, build
+from miniplm.demo_build import build
+from miniplm.demo_teacher import ASSET
 
 
 def main() -> None:

@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import platform
-import shutil
-import subprocess
 
 from miniplm import io
 
@@ -35,7 +31,7 @@ RECIPE = ["tokenizer=null", "vocab_size=2048", "teacher={preset: mini, tokens: 2
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +54,7 @@ def verified(path: str = ASSET) -> str:
         if not os.path.exists(file):
             raise FileNotFoundError(f"{file}: missing from the built-in demo teacher; reinstall miniplm "
                                     f"or rebuild it with `{COMMAND}`")
-        actual = _sha256(file)
+        actual = file_sha256(file)
         if actual != expected:
             raise ValueError(f"{file}: sha256 {actual[:16]}... is not the {expected[:16]}... recorded "
                              f"in {PROVENANCE}; reinstall miniplm or rebuild it with `{COMMAND}`")
@@ -84,58 +80,3 @@ def describe(sample_fingerprint: str | None) -> str:
 def split_settings(path: str = ASSET) -> dict:
     """The D_ref split the built-in teacher was trained on: a pipeline using it must split alike."""
     return provenance(path)["split"]
-
-
-def build(workdir: str, output: str = ASSET) -> dict:
-    """Train the built-in teacher in `workdir` (the demo's corpus steps, then the teacher) and
-    write its checkpoint and provenance to `output`. Returns the provenance."""
-    import torch
-    import transformers
-
-    from miniplm.pipeline import DEMO_CONFIG, Steps, load_pipeline, prepare_data, step_markers, train_model
-    from miniplm.runtime import init_ray
-
-    cfg = load_pipeline(DEMO_CONFIG, [f"output={workdir}", *RECIPE])
-    os.makedirs(cfg.output, exist_ok=True)
-    init_ray()
-    step = Steps(step_markers(cfg))
-    data = prepare_data(cfg, step)
-    final = train_model(cfg, step, "teacher", data)
-    done = io.read_json(os.path.join(cfg.output, "teacher", "_done.json"))
-    os.makedirs(output, exist_ok=True)
-    for name in FILES:
-        shutil.copyfile(os.path.join(final, name), os.path.join(output, name))
-    sample = io.read_json(os.path.join(cfg.output, "sample", io.MANIFEST))
-    record = {
-        "command": COMMAND,
-        "miniplm_commit": _git_commit(),
-        "teacher": f"{cfg.teacher.preset}, {cfg.teacher.tokens:,} tokens of D_ref",
-        "corpus": {k: sample[k] for k in ("fingerprint", "python", "bytes", "packages")},
-        "split": {"fraction": cfg.reference.fraction, "seed": cfg.reference.seed, "key": "text",
-                  "max_chars": cfg.corpus.max_chars, "d_ref_fingerprint": io.read_json(
-                      os.path.join(data["d_ref"], io.MANIFEST))["fingerprint"]},
-        "train": done["train"],
-        "final_metrics": done["metrics"],
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "machine": platform.machine()},
-        "files": {name: _sha256(os.path.join(output, name)) for name in FILES},
-    }
-    # last, whole or not at all (a sibling file renamed: it ships, so no _tmp/ folder beside it)
-    staging = os.path.join(output, f".{PROVENANCE}.partial")
-    with open(staging, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(staging, os.path.join(output, PROVENANCE))
-    print("\n" + step.table())
-    print(f"built-in teacher written to {output}: model.safetensors sha256 {record['files']['model.safetensors']}")
-    return record
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=os.path.dirname(__file__),
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None

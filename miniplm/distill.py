@@ -42,6 +42,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from miniplm.models import head_is_plain
+
 IGNORE = -100  # target of the last position of each row: nothing follows it
 
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name;
@@ -224,31 +226,6 @@ def _block(logits, targets, t_logits, weight: float, temperature: float, need_gr
 
 
 @torch.no_grad()
-def head_is_plain(model) -> bool:
-    """Whether the model's logits are exactly `lm_head(base_model(...).last_hidden_state)`,
-    so the head may be applied block by block. Checked on one short sequence: the LM head's
-    output must be the returned logits bit for bit (soft-capping or scaling afterwards, even
-    by a hair, fails this) and its input the backbone's last hidden state."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
-        return False
-    seen: dict = {}
-    handle = head.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0], out=out))
-    device = head.weight.device
-    ids = (torch.arange(8, device=device) % head.weight.shape[0])[None]
-    try:
-        logits = model(input_ids=ids, use_cache=False).logits
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-    except Exception as err:  # a backbone taking other inputs: keep the model's own path
-        warnings.warn(f"chunked LM head unavailable for {type(model).__name__} ({err})")
-        return False
-    finally:
-        handle.remove()
-    return ("out" in seen and seen["out"].shape == logits.shape and torch.equal(seen["out"], logits)
-            and seen["hidden"].shape == hidden.shape
-            and torch.allclose(seen["hidden"], hidden, rtol=1e-5, atol=1e-6))
-
-
 def enable_activation_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward pass (HF's own switch;
     non-reentrant, which DDP and our per-block checkpoints need)."""
@@ -269,7 +246,7 @@ def check_teacher(path: str, tokenizer, seq_len: int) -> None:
     from transformers import AutoConfig
 
     from miniplm import io
-    from miniplm.logprob import context_length
+    from miniplm.models import context_length
     from miniplm.models import check_vocab, is_tokenizer_dir, load_tokenizer, tokenizer_fingerprint
 
     if not io.exists(io.join(path, "config.json")):

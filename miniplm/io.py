@@ -21,6 +21,7 @@ import uuid
 from typing import Any, Iterable, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -134,6 +135,12 @@ def write_parquet(url: str, table: pa.Table, metadata: dict | None = None) -> No
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     write_bytes(url, sink.getvalue().to_pybytes())
+
+
+def read_part(root: str, name: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet part of a stage's output (or some of its columns)."""
+    with fsspec.open(join(root, name), "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 def read_parquet_metadata(url: str) -> dict:
@@ -433,6 +440,14 @@ def file_version(url: str) -> list:
     """A file's size and version (mtime on disk, the store's ETag elsewhere): what changes
     when the file is rewritten, without reading it."""
     return list(_file_identity(url)[:2])
+
+
+def seeded_hashes(keys: Iterable[str], seed: int) -> np.ndarray:
+    """A 64-bit hash of `seed:key` per key, as uint64: a draw that depends on the key alone,
+    never on its part or position (the D_ref split, random selection, Gumbel noise)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode("utf-8", "surrogatepass"),
+                                                       digest_size=8).digest(), "little") for k in keys),
+                       dtype=np.uint64)
 
 
 def hash_json(obj: Any) -> str:

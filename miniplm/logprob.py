@@ -25,13 +25,13 @@ wires this into an actor pool.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 import warnings
-from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
+
+from miniplm.models import head_is_plain
+from miniplm.prefetch import prefetched
 
 PACKING = ("auto", "padded", "packed")
 # attention implementations that run packed rows as separate sequences without a T x T mask
@@ -86,32 +86,6 @@ def pack_flat(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def prefix_token_id(tokenizer) -> int:
-    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if token is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token "
-                         "to start sequences with")
-    return int(token)
-
-
-def position_limit(config) -> int | None:
-    """The most positions the architecture can take (its position table or rotary range)."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def context_length(config) -> int | None:
-    """The context a model works in: the one it was trained on where its checkpoint declares it
-    (`trained_context`, written by `miniplm train`), else its architecture's limit."""
-    limit, trained = position_limit(config), getattr(config, "trained_context", None)
-    if isinstance(trained, int) and trained > 0:
-        return min(trained, limit) if limit else trained
-    return limit
-
-
 def default_packing(model) -> str:
     """Packed rows where the attention kernel takes variable-length sequences; elsewhere a
     packed row would get a dense block-diagonal mask over the whole row, which costs more
@@ -149,7 +123,11 @@ class SequenceScorer:
         self.prefix_id, self.prefetch = prefix_id, prefetch
         self.head_chunk_tokens, self.head_chunk_bytes = head_chunk_tokens, head_chunk_bytes
         self.lm_head = model.get_output_embeddings()
-        self.chunked_head = self._chunked_head_matches_model()
+        with torch.inference_mode():
+            self.chunked_head = head_is_plain(model)
+        if not self.chunked_head:
+            warnings.warn("the model post-processes its logits (or its head is no plain linear layer): "
+                          "scoring with full logits (more memory)")
         self.packing = default_packing(model) if packing == "auto" else packing
 
     @torch.inference_mode()
@@ -165,7 +143,7 @@ class SequenceScorer:
         batches = (build([wins[i] for i in indices], full) for indices in plan)
         # the next batches are built on the host while the model runs this one; results stay
         # on the device until the end, so nothing waits for the device batch by batch
-        scored = [(batch, self._token_logprobs(batch)) for batch in _prefetched(batches, self.prefetch)]
+        scored = [(batch, self._token_logprobs(batch)) for batch in prefetched(batches, self.prefetch)]
         if not scored:
             return np.zeros(0, dtype=np.float64)
         token_lp = torch.cat([lp for _, lp in scored]).double().cpu().numpy()
@@ -281,26 +259,6 @@ class SequenceScorer:
             out[lo:hi] = _logprob_of(picked.float(), targets[lo:hi])
         return out
 
-    @torch.inference_mode()
-    def _chunked_head_matches_model(self) -> bool:
-        """Models that post-process logits (soft-capping, scaling) are not `lm_head(hidden)`:
-        check once on a short sequence and fall back to the model's own logits if so."""
-        if not isinstance(self.lm_head, torch.nn.Linear) or not hasattr(self.model, "base_model"):
-            return False
-        vocab = self.lm_head.weight.shape[0]
-        ids = torch.arange(min(16, self.max_length), device=self.device)[None] % vocab
-        try:
-            hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-            ours = self.lm_head(hidden).float()
-        except Exception as err:  # an architecture whose base model takes other inputs
-            warnings.warn(f"chunked LM head unavailable ({err}); using full logits")
-            return False
-        theirs = self.model(input_ids=ids, use_cache=False).logits.float()
-        if not torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
-            warnings.warn("model post-processes its logits; scoring with full logits (more memory)")
-            return False
-        return True
-
 
 def _float(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return None if tensor is None else tensor.float()
@@ -311,48 +269,3 @@ def _logprob_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     log-softmax: on CPU about a third faster than gather minus logsumexp, which makes extra
     passes over the logits."""
     return -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-
-
-_END = object()
-
-
-def _prefetched(items: Iterable, depth: int) -> Iterator:
-    """Iterate `items`, producing up to `depth` of them ahead in a background thread (numpy
-    and torch release the GIL, so building the next batch overlaps the model's forward)."""
-    if depth < 1:
-        yield from items
-        return
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce():
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((_END, None))
-        except BaseException as err:  # re-raised in the consumer, where it belongs
-            put((_END, err))
-
-    thread = threading.Thread(target=produce, name="scorer-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = ready.get()
-            if item is _END:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()

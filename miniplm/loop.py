@@ -4,6 +4,7 @@ Ray Train (restored on a re-run or after a lost worker) and one metrics line per
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from miniplm import io
 from miniplm.models import load_tokenizer
 from miniplm.sampler import CacheSampler
 from miniplm.tokens import read_sequences
-from miniplm.train import TrainConfig
+from miniplm.train_config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -83,6 +84,7 @@ def train_loop(loop_config: dict) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg) / cfg.optim.lr)
     state = {"step": 0, "tokens": 0, "epoch": 0, "batches_in_epoch": 0}
     checkpoint = ray.train.get_checkpoint()  # set on a re-run and after a worker failure
     if checkpoint:
@@ -91,8 +93,14 @@ def train_loop(loop_config: dict) -> None:
         if saved.get("run") != loop_config["run"]:  # run_train checks first; this guards a stray restore
             raise RuntimeError(f"train: the checkpoint in {cfg.output} belongs to a run with other settings")
         raw_model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+        opt.load_state_dict(saved["optimizer"])  # with the learning rate of the step to come
         state = saved["state"]
+        if "schedule" in saved:
+            schedule.load_state_dict(saved["schedule"])
+        else:  # a checkpoint from before the schedule was an LR scheduler
+            schedule.last_epoch = state["step"]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(state["step"], cfg)
         torch.set_rng_state(saved["rng"])
     if rank == 0:  # the driver's progress bar follows this log (miniplm.progress)
         metrics = MetricsLog(io.join(cfg.output, "metrics.jsonl"), resume_step=state["step"])
@@ -103,7 +111,7 @@ def train_loop(loop_config: dict) -> None:
         eval_seqs = torch.from_numpy(read_sequences(root, manifest, cfg.eval.max_sequences))
     peak, peak_source = ((cfg.peak_flops, "config: peak_flops") if cfg.peak_flops else
                          distill.table_peak(device) or (measure_peak_flops(device), "measured matmul rate"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     resumed_from = state["step"]
     cache_root, cache_manifest = loop_config["cache"]
@@ -113,13 +121,12 @@ def train_loop(loop_config: dict) -> None:
     seq_tokens = cfg.micro_batch * cfg.data.seq_len
     last_time = time.perf_counter()
     for step in range(state["step"], cfg.total_steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        lr = schedule.get_last_lr()[0]
         loss_sum = torch.zeros(3, device=device)  # total, LM, KL
         for micro in range(cfg.grad_accum):
             x = next(batches).to(device)  # (B, T)
             sync = micro == cfg.grad_accum - 1 or world == 1
-            with (_null() if sync else model.no_sync()), autocast:
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 losses = model(x)  # (3,): total, LM, KL; chunked, no [B, T, V] float32 logits
             (losses[0] / cfg.grad_accum).backward()
             loss_sum += losses.detach()
@@ -136,6 +143,7 @@ def train_loop(loop_config: dict) -> None:
                 metrics.flush()  # the curve up to here, on object storage too
             raise RuntimeError(diverged_message(step + 1, total, norm))
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         state["step"] = step + 1
         state["tokens"] += seq_tokens * cfg.grad_accum * world
@@ -148,7 +156,7 @@ def train_loop(loop_config: dict) -> None:
                "student_flops": student_fpt * state["tokens"], "teacher_flops": teacher_fpt * state["tokens"],
                "loss": round(total, 6),
                **({"lm_loss": round(lm, 6), "kd_loss": round(kl, 6)} if teacher is not None else {}),
-               "lr": lr_at(step, cfg), "grad_norm": round(float(grad_norm), 6),
+               "lr": lr, "grad_norm": round(float(grad_norm), 6),
                "tokens_per_s": round(tokens_per_s, 1), "passes": state["epoch"],
                "mfu": round((student_fpt + teacher_fpt) * tokens_per_s / (peak * world), 5),
                "mfu_peak_source": peak_source}
@@ -169,7 +177,7 @@ def train_loop(loop_config: dict) -> None:
         if checkpoint_now:
             if rank == 0:
                 metrics.flush()
-            save_checkpoint(raw_model, opt, state, rank, row, loop_config["run"])
+            save_checkpoint(raw_model, opt, schedule, state, rank, row, loop_config["run"])
     if rank == 0:
         metrics.flush()
         save_final(raw_model, cfg)
@@ -261,7 +269,7 @@ def eval_loss(objective, seqs, micro_batch: int, device) -> float:
     return total / n
 
 
-def save_checkpoint(model, opt, state: dict, rank: int, metrics: dict, run: str) -> None:
+def save_checkpoint(model, opt, schedule, state: dict, rank: int, metrics: dict, run: str) -> None:
     """Rank 0 writes the state; every rank reports (ray.train.report is a barrier)."""
     import ray.train
     import torch
@@ -269,7 +277,8 @@ def save_checkpoint(model, opt, state: dict, rank: int, metrics: dict, run: str)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": dict(state),
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "schedule": schedule.state_dict(), "state": dict(state),
                         "rng": torch.get_rng_state(), "run": run}, os.path.join(d, "state.pt"))
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step-{state['step']:08d}")
@@ -339,11 +348,4 @@ def append_line(path: str, line: str) -> None:
     finally:
         os.close(fd)
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 

@@ -128,8 +128,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     lives: two checkpoints sharing a tokenizer agree, so per-token scores are comparable."""
     import json
 
-    from miniplm.logprob import prefix_token_id
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else sorted(tokenizer.get_vocab().items())
     return io.hash_json({"tokenizer": spec, "prefix": prefix_token_id(tokenizer)})
@@ -155,8 +153,6 @@ def load_tokenizer_checked(path: str):
 def model_config(spec: ModelSpec, tokenizer, seq_len: int):
     """The HF config to build, checked against the tokenizer and the sequence length."""
     from transformers import AutoConfig
-
-    from miniplm.logprob import position_limit
 
     specials = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
@@ -203,3 +199,58 @@ def config_from_dict(values: dict):
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def head_is_plain(model) -> bool:
+    """Whether the model's logits are exactly `lm_head(base_model(...).last_hidden_state)`,
+    so the head may be applied block by block. Checked on one short sequence: the LM head's
+    output must be the returned logits bit for bit (soft-capping or scaling afterwards, even
+    by a hair, fails this) and its input the backbone's last hidden state. The scorer and the
+    training objective both ask it before computing the head in blocks."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
+        return False
+    seen: dict = {}
+    handle = head.register_forward_hook(lambda module, args, out: seen.update(hidden=args[0], out=out))
+    device = head.weight.device
+    ids = (torch.arange(8, device=device) % head.weight.shape[0])[None]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    except Exception as err:  # a backbone taking other inputs: keep the model's own path
+        warnings.warn(f"chunked LM head unavailable for {type(model).__name__} ({err})")
+        return False
+    finally:
+        handle.remove()
+    return ("out" in seen and seen["out"].shape == logits.shape and torch.equal(seen["out"], logits)
+            and seen["hidden"].shape == hidden.shape
+            and torch.allclose(seen["hidden"], hidden, rtol=1e-5, atol=1e-6))
+
+
+def prefix_token_id(tokenizer) -> int:
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token "
+                         "to start sequences with")
+    return int(token)
+
+
+def position_limit(config) -> int | None:
+    """The most positions the architecture can take (its position table or rotary range)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def context_length(config) -> int | None:
+    """The context a model works in: the one it was trained on where its checkpoint declares it
+    (`trained_context`, written by `miniplm train`), else its architecture's limit."""
+    limit, trained = position_limit(config), getattr(config, "trained_context", None)
+    if isinstance(trained, int) and trained > 0:
+        return min(trained, limit) if limit else trained
+    return limit

@@ -638,7 +638,7 @@ def model_costs(cfg, tokenizers: dict, plan: Plan) -> list[ModelCost]:
     """Teacher and reference scoring the pool (and training first, where trained here), then
     each student's training, at plan.tflops per GPU."""
     from miniplm.distill import flops_per_token, matmul_params
-    from miniplm.logprob import context_length
+    from miniplm.models import context_length
     from miniplm.models import ModelSpec, model_config
     from miniplm.pipeline import resolve_builtin
 

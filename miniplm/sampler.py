@@ -16,16 +16,16 @@ ranks stay in step; the few sequences past that are left out of that pass only.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 
 import numpy as np
 
-from miniplm.tokens import read_part
+from miniplm.prefetch import prefetched
+from miniplm.tokens import part_sequences
 
 
 @dataclasses.dataclass(frozen=True)
-class Window:
+class PartWindow:
     parts: tuple[str, ...]
     rows: int
     index: int  # the window's number in its pass, which seeds its permutation
@@ -42,21 +42,21 @@ class CacheSampler:
                              f"than the {world} workers: prepare the corpus with a smaller rows_per_part")
         self.rows_read = 0  # sequences loaded from storage by this sampler (resume skips, not reads)
 
-    def windows(self, epoch: int, rank: int) -> list[Window]:
+    def windows(self, epoch: int, rank: int) -> list[PartWindow]:
         """This pass's windows for `rank`: its share of a seeded permutation of the parts."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.parts))
         mine = [self.parts[i] for i in order[rank::self.world]]
         chunks = [mine[i:i + self.window] for i in range(0, len(mine), self.window)]
-        return [Window(tuple(n for n, _ in c), sum(r for _, r in c), k) for k, c in enumerate(chunks)]
+        return [PartWindow(tuple(n for n, _ in c), sum(r for _, r in c), k) for k, c in enumerate(chunks)]
 
     def batches_per_pass(self, epoch: int) -> int:
         """Micro-batches every rank takes this pass: the least any rank can fill."""
         return min(sum(w.rows for w in self.windows(epoch, r)) // self.micro_batch
                    for r in range(self.world))
 
-    def load(self, epoch: int, window: Window) -> np.ndarray:
+    def load(self, epoch: int, window: PartWindow) -> np.ndarray:
         """A window's sequences, permuted with a seed of (run seed, pass, rank, window)."""
-        seqs = np.concatenate([read_part(self.root, name) for name in window.parts])
+        seqs = np.concatenate([part_sequences(self.root, name) for name in window.parts])
         self.rows_read += len(seqs)
         rng = np.random.default_rng([self.seed, epoch, self.rank, window.index])
         return seqs[rng.permutation(len(seqs))]
@@ -73,15 +73,11 @@ class CacheSampler:
                 todo.append((w, offset))
             offset += w.rows
         carry = np.zeros((0, 0), dtype=np.int32)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next window loads meanwhile
-            pending = pool.submit(self.load, epoch, todo[0][0]) if todo else None
-            for i, (w, offset) in enumerate(todo):
-                seqs = pending.result()
-                if i + 1 < len(todo):
-                    pending = pool.submit(self.load, epoch, todo[i + 1][0])
-                lo, hi = max(0, first_row - offset), min(w.rows, end_row - offset)
-                rows = seqs[lo:hi] if not len(carry) else np.concatenate([carry, seqs[lo:hi]])
-                full = len(rows) // self.micro_batch * self.micro_batch
-                for b in range(0, full, self.micro_batch):
-                    yield rows[b:b + self.micro_batch].astype(np.int64)
-                carry = rows[full:]
+        loaded = prefetched((self.load(epoch, w) for w, _ in todo), depth=1)  # the next loads meanwhile
+        for (w, offset), seqs in zip(todo, loaded):
+            lo, hi = max(0, first_row - offset), min(w.rows, end_row - offset)
+            rows = seqs[lo:hi] if not len(carry) else np.concatenate([carry, seqs[lo:hi]])
+            full = len(rows) // self.micro_batch * self.micro_batch
+            for b in range(0, full, self.micro_batch):
+                yield rows[b:b + self.micro_batch].astype(np.int64)
+            carry = rows[full:]

@@ -149,7 +149,8 @@ class ScoreActor:
         def load_scorer():
             import torch
 
-            from miniplm.logprob import SequenceScorer, prefix_token_id
+            from miniplm.logprob import SequenceScorer
+            from miniplm.models import prefix_token_id
 
             if device == "cpu":
                 torch.set_num_threads(num_threads)
@@ -210,7 +211,7 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
     the summary line (a stage built on this one, eval, prints its own)."""
     import ray
 
-    from miniplm.logprob import context_length
+    from miniplm.models import context_length
     from miniplm.runtime import init_ray
 
     console.detail(describe(cfg))

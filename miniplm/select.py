@@ -32,17 +32,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import hashlib
 import math
 import time
 from fractions import Fraction
 from typing import Callable
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from miniplm import __version__, console, io
 from miniplm.config import describe, field, to_dict
@@ -166,11 +163,6 @@ def check_tokenizers(t_manifest: dict, r_manifest: dict, normalize: str) -> None
 # ---------------------------------------------------------------- one part (in a Ray task)
 
 
-def read_part(root: str, name: str, columns: list[str]) -> pa.Table:
-    with fsspec.open(io.join(root, name), "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
 # what makes a score table one model's: every part must agree with the table's manifest on these
 PART_PROVENANCE = ("model_fingerprint", "tokenizer_fingerprint", "instances_fingerprint", "max_length",
                    "stride", "dtype")
@@ -232,10 +224,10 @@ def align(ids: pa.ChunkedArray, table: pa.Table, what: str, role: str, part: str
 def read_joined_part(cfg: SelectConfig, name: str, columns: list[str]) -> pa.Table:
     """One instances part's `columns` + t_tokens, t_logprob (+ r_tokens, r_logprob), row for
     row; refuses a table part that does not hold each instance exactly once, finitely."""
-    instances = read_part(cfg.instances, name, columns)
+    instances = io.read_part(cfg.instances, name, columns)
     roles = [("teacher", cfg.teacher, "t")] + ([("reference", cfg.reference, "r")] if uses_reference(cfg) else [])
     for role, root, prefix in roles:
-        table = read_part(root, name, ["id", "n_tokens", "logprob"])
+        table = io.read_part(root, name, ["id", "n_tokens", "logprob"])
         check_part_provenance(table, root, name, role)
         table = align(instances["id"], table, f"{role} table {root}", role, name)
         check_finite(table, f"{role} table {root}")
@@ -255,11 +247,10 @@ def per_unit(logprob: np.ndarray, tokens: np.ndarray, n_bytes: np.ndarray, norma
 
 
 def id_uniforms(ids: list[str], seed: int) -> np.ndarray:
-    """One uniform draw in (0, 1) per id, from a hash of `seed:id` (as `tokens.in_subset`):
-    the same whatever part or position the id has. 52 bits, so u and 1 - u are never 0."""
-    bits = np.fromiter((int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(),
-                                       "little") >> 12 for i in ids), dtype=np.int64, count=len(ids))
-    return (bits + 0.5) / 2.0**52
+    """One uniform draw in (0, 1) per id, from its seeded hash: the same whatever part or
+    position the id has. 52 bits, so u and 1 - u are never 0."""
+    bits = io.seeded_hashes(ids, seed) >> np.uint64(12)
+    return (bits.astype(np.float64) + 0.5) / 2.0**52
 
 
 def selection_scores(table: pa.Table, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -298,7 +289,7 @@ def rank_part(cfg: SelectConfig, name: str, with_tokens: bool) -> dict:
 
 def part_ids(root: str, name: str, rows: np.ndarray) -> list[str]:
     """Task: the ids at `rows` of one instances part (for ordering a tie group by id)."""
-    return read_part(root, name, ["id"])["id"].take(pa.array(rows)).to_pylist()
+    return io.read_part(root, name, ["id"])["id"].take(pa.array(rows)).to_pylist()
 
 
 def write_part(cfg: SelectConfig, name: str, kept_rows: np.ndarray, threshold: float,

@@ -54,9 +54,7 @@ def in_subset(keys: list[str], fraction: float, seed: int) -> np.ndarray:
     `fraction`."""
     if fraction >= 1:
         return np.ones(len(keys), dtype=bool)
-    h = [int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                        "little") for k in keys]
-    return np.array(h, dtype=np.float64) / 2.0**64 < fraction
+    return io.seeded_hashes(keys, seed).astype(np.float64) / 2.0**64 < fraction
 
 
 def document_stream(token_ids: list[list[int]], bos: int | None, eos: int) -> np.ndarray:
@@ -132,10 +130,9 @@ def _build(data: DataSpec, instances: dict, tokenizer_path: str, root: str) -> d
     return manifest
 
 
-def read_part(root: str, name: str) -> np.ndarray:
+def part_sequences(root: str, name: str) -> np.ndarray:
     """(rows, seq_len) int32 token ids of one cache part."""
-    with fsspec.open(io.join(root, name), "rb") as f:
-        col = pq.read_table(f)["input_ids"].combine_chunks()
+    col = io.read_part(root, name, ["input_ids"])["input_ids"].combine_chunks()
     return col.values.to_numpy().reshape(len(col), -1)
 
 
@@ -151,6 +148,6 @@ def read_sequences(root: str, manifest: dict, limit: int | None = None) -> np.nd
     for part in manifest["parts"]:
         inside = take[(take >= start) & (take < start + part["rows"])] - start
         if len(inside):
-            out.append(read_part(root, part["name"])[inside])
+            out.append(part_sequences(root, part["name"])[inside])
         start += part["rows"]
     return np.concatenate(out).astype(np.int64)

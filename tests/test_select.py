@@ -17,7 +17,7 @@ import pytest
 from conftest import save_tiny_model, score, write_jsonl
 
 from miniplm import io
-from miniplm.pipeline import split_instances
+from miniplm.split import split_instances
 from miniplm.prepare import PrepareConfig, run_prepare
 from miniplm.select import SelectConfig, keep_count, run_select
 

@@ -502,7 +502,7 @@ def test_training_sees_each_document_start_as_scoring_does(corpus, tokenizer_dir
     stage puts before a text (BOS, or EOS for a tokenizer without one)."""
     import pyarrow.parquet as pq
 
-    from miniplm.logprob import prefix_token_id
+    from miniplm.models import prefix_token_id
     from miniplm.models import load_tokenizer
     from miniplm.tokens import DataSpec, build_token_cache, read_sequences
 
