@@ -288,7 +288,7 @@ def device_peak(device: str) -> tuple[float, str]:
     table, else training's measured matmul rate, labelled as measured."""
     import torch
 
-    from miniplm.distill import table_peak
+    from miniplm.flops import table_peak
     from miniplm.loop import measure_peak_flops
 
     name = torch.cuda.get_device_name()

@@ -171,7 +171,7 @@ def flops_per_token(config_path: str, tokenizer: str, seq_len: int, teacher: str
     models built on the meta device from their configs (no weights allocated or read)."""
     from transformers import AutoConfig
 
-    from miniplm.distill import flops_per_token as count
+    from miniplm.flops import flops_per_token as count
     from miniplm.models import ModelSpec, load_tokenizer, model_config
     from miniplm.plan import meta_model
 

@@ -61,6 +61,7 @@ def train_loop(loop_config: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     from miniplm import distill
+    from miniplm.flops import table_peak
     from miniplm.config import build
     from miniplm.models import config_from_dict
 
@@ -110,7 +111,7 @@ def train_loop(loop_config: dict) -> None:
         root, manifest = loop_config["eval_cache"]
         eval_seqs = torch.from_numpy(read_sequences(root, manifest, cfg.eval.max_sequences))
     peak, peak_source = ((cfg.peak_flops, "config: peak_flops") if cfg.peak_flops else
-                         distill.table_peak(device) or (measure_peak_flops(device), "measured matmul rate"))
+                         table_peak(device) or (measure_peak_flops(device), "measured matmul rate"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     resumed_from = state["step"]

@@ -14,7 +14,7 @@ tokenizer is not loaded: that would mean copying its folder. It prints
     text byte; text bytes (and instances) per stored byte, measured over the stored bytes those
     documents came from (decompressed where the files are compressed), scale them to the corpus;
   - teacher and reference forward FLOPs over the pool and each trained model's FLOPs, counted
-    as the project counts them (`distill.flops_per_token` on a model built on the meta device;
+    as the project counts them (`flops.flops_per_token` on a model built on the meta device;
     scoring attends over the mean instance, as `report` counts the offline pass), and GPU-hours
     at an achieved `tflops` per GPU;
   - disk for each step's output, uncompressed (Parquet's zstd makes the tables smaller): tables,
@@ -94,7 +94,7 @@ class CorpusEstimate:
 class ModelCost:
     step: str  # the pipeline step that spends it
     model: str  # Hub id@commit, folder, or preset
-    params: int  # weights each token is multiplied by (distill.matmul_params)
+    params: int  # weights each token is multiplied by (flops.matmul_params)
     weights: int  # every parameter once: what a checkpoint stores
     context: int  # tokens of attention context per token
     flops_per_token: int  # training: the student's, plus an online KD teacher's forward
@@ -637,7 +637,7 @@ def trained_tokens(tokens: int | None, steps: int | None, batch_tokens: int) -> 
 def model_costs(cfg, tokenizers: dict, plan: Plan) -> list[ModelCost]:
     """Teacher and reference scoring the pool (and training first, where trained here), then
     each student's training, at plan.tflops per GPU."""
-    from miniplm.distill import flops_per_token, matmul_params
+    from miniplm.flops import flops_per_token, matmul_params
     from miniplm.models import context_length
     from miniplm.models import ModelSpec, model_config
     from miniplm.pipeline import resolve_builtin

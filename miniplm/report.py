@@ -93,7 +93,7 @@ def forward_flops_per_token(model_path: str, context: int | None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from miniplm.distill import flops_per_token
+    from miniplm.flops import flops_per_token
 
     config = AutoConfig.from_pretrained(io.local_copy(io.join(model_path, "config.json")))
     with torch.device("meta"):

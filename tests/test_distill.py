@@ -13,7 +13,8 @@ from conftest import read_metrics, save_tiny_model, train_overrides, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from miniplm.config import load
-from miniplm.distill import Objective, enable_activation_checkpointing, head_is_plain, matmul_params
+from miniplm.distill import Objective, enable_activation_checkpointing, head_is_plain
+from miniplm.flops import matmul_params
 from miniplm.train import TrainConfig, run_train
 
 

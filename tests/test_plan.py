@@ -1,6 +1,6 @@
 """`miniplm plan` and `miniplm run --dry-run`: a pipeline YAML resolved, checked and costed before
 any work, writing nothing and starting no Ray. FLOPs are checked against the accounting of
-miniplm/distill.py computed here from the models' architecture numbers."""
+miniplm/flops.py computed here from the models' architecture numbers."""
 
 from __future__ import annotations
 
