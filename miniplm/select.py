@@ -45,10 +45,11 @@ from miniplm import __version__, console, io
 from miniplm.config import describe, field, to_dict
 from miniplm.prepare import INSTANCE_SCHEMA
 from miniplm.runtime import map_parts
+from miniplm.select_report import (SAMPLES, build_report, pick_samples, report_summary, samples_markdown,
+                                   write_report_files)
 
 METHODS = ("difference", "teacher", "random", "sample")
 REFINED_SCHEMA = INSTANCE_SCHEMA.append(pa.field("score", pa.float64()))
-SAMPLES = 20  # instances shown per group in samples.md
 EXCERPT = 300  # characters of text shown per sample
 PLOT_POINTS = 20_000  # instances in the teacher-vs-reference scatter
 
@@ -85,9 +86,10 @@ class SelectConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
+    @property
+    def uses_reference(self) -> bool:
+        return self.method in ("difference", "sample")
 
-def uses_reference(cfg: SelectConfig) -> bool:
-    return cfg.method in ("difference", "sample")
 
 
 def keep_count(alpha: float, n: int) -> int:
@@ -225,7 +227,7 @@ def read_joined_part(cfg: SelectConfig, name: str, columns: list[str]) -> pa.Tab
     """One instances part's `columns` + t_tokens, t_logprob (+ r_tokens, r_logprob), row for
     row; refuses a table part that does not hold each instance exactly once, finitely."""
     instances = io.read_part(cfg.instances, name, columns)
-    roles = [("teacher", cfg.teacher, "t")] + ([("reference", cfg.reference, "r")] if uses_reference(cfg) else [])
+    roles = [("teacher", cfg.teacher, "t")] + ([("reference", cfg.reference, "r")] if cfg.uses_reference else [])
     for role, root, prefix in roles:
         table = io.read_part(root, name, ["id", "n_tokens", "logprob"])
         check_part_provenance(table, root, name, role)
@@ -302,7 +304,7 @@ def write_part(cfg: SelectConfig, name: str, kept_rows: np.ndarray, threshold: f
     kept[kept_rows] = True
     out = {"part": None, "hash": None, "stats": part_statistics(table, score, kept),
            "samples": sample_candidates(table, score, kept, threshold, cfg),
-           "plot": plot_points(table, kept, plot_rows, cfg) if uses_reference(cfg) else None}
+           "plot": plot_points(table, kept, plot_rows, cfg) if cfg.uses_reference else None}
     if not kept.any():
         return out
     refined = table.select(INSTANCE_SCHEMA.names).append_column("score", pa.array(score))
@@ -365,7 +367,7 @@ def sample_candidates(table: pa.Table, score: np.ndarray, kept: np.ndarray, thre
         last_ranked(rows[above], score, ids, SAMPLES // 2),
         first_ranked(rows[~above], score, ids, SAMPLES // 2)]))
     columns = ["id", "source", "n_bytes", "t_tokens", "t_logprob"]
-    columns += ["r_tokens", "r_logprob"] if uses_reference(cfg) else []
+    columns += ["r_tokens", "r_logprob"] if cfg.uses_reference else []
     out = table.select(columns).take(pa.array(picked, pa.int64())).to_pylist()
     texts = table["text"].take(pa.array(picked, pa.int64())).to_pylist()
     for row, k, text in zip(out, picked, texts):
@@ -522,7 +524,7 @@ def run_select(cfg: SelectConfig) -> dict:
     fp = inst_manifest["fingerprint"]
     t_manifest = read_score_manifest(cfg.teacher, "teacher", inst_manifest)
     r_manifest = None
-    if uses_reference(cfg):
+    if cfg.uses_reference:
         r_manifest = read_score_manifest(cfg.reference, "reference", inst_manifest)
     cfg = resolve_normalize(cfg, t_manifest, r_manifest)
     if r_manifest:
@@ -590,126 +592,3 @@ def _table_info(manifest: dict) -> dict:
     prov = manifest["provenance"]
     return {"model": prov.get("model"), "model_fingerprint": prov.get("model_fingerprint"),
             "tokenizer_fingerprint": prov.get("tokenizer_fingerprint")}
-
-
-# ---------------------------------------------------------------- report
-
-
-def pick_samples(candidates: list[dict], threshold: float, k: int = SAMPLES) -> list[str]:
-    """Ids of the highest, around-the-threshold and lowest instances, out of the parts'
-    candidates (which hold every instance that can be among them)."""
-    ids = np.array([c["id"] for c in candidates], dtype=object)
-    score = np.array([c["score"] for c in candidates], dtype=np.float64)
-    order = np.lexsort((ids, -score))
-    at = int(np.searchsorted(-score[order], -threshold, side="right")) if math.isfinite(threshold) else 0
-    around = order[max(0, at - k // 2): at + k // 2]
-    return list(dict.fromkeys([*ids[order[:k]], *ids[around], *ids[order[::-1][:k]]]))
-
-
-def build_report(score: np.ndarray, results: list[dict], cfg: SelectConfig, threshold: float) -> dict:
-    qs = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0]
-    per_source: dict[str, dict] = {}
-    for r in results:
-        for source, s in r["stats"]["per_source"].items():
-            total = per_source.setdefault(source, dict.fromkeys(s, 0))
-            for name, value in s.items():
-                total[name] += value
-    for s in per_source.values():
-        s["mean_score"] = s.pop("score_sum") / max(s["kept"] + s["dropped"], 1)
-    return {
-        "method": cfg.method, "normalize": cfg.normalize, "alpha": cfg.alpha,
-        "budget_tokens": cfg.budget_tokens, "candidates": int(len(score)),
-        "kept": sum(s["kept"] for s in per_source.values()), "threshold": threshold,
-        "tokens_total": sum(r["stats"]["tokens_total"] for r in results),
-        "tokens_kept": sum(r["stats"]["tokens_kept"] for r in results),
-        "score_quantiles": {str(q): float(v) for q, v in zip(qs, np.quantile(score, qs))} if len(score) else {},
-        "per_source": dict(sorted(per_source.items())),
-    }
-
-
-def report_summary(report: dict) -> str:
-    lines = [f"select ({report['method']}, per-{report['normalize']}): kept {report['kept']} of "
-             f"{report['candidates']} instances, {report['tokens_kept']} of {report['tokens_total']} "
-             f"teacher tokens, threshold score {report['threshold']:.4f}"]
-    for source, s in report["per_source"].items():
-        total = s["kept"] + s["dropped"]
-        lines.append(f"  {source:24} kept {s['kept']:>8} / {total:<8} ({s['kept'] / max(total, 1):6.1%})"
-                     f"  mean score {s['mean_score']:+.4f}")
-    return "\n".join(lines)
-
-
-def samples_markdown(candidates: list[dict], sample_ids: list[str], cfg: SelectConfig,
-                     threshold: float) -> str:
-    rows = {r["id"]: r for r in candidates}
-    has_ref = uses_reference(cfg)
-    unit = cfg.normalize
-    columns = ["id", "source", "score", "kept", f"teacher logprob/{unit}"]
-    columns += [f"reference logprob/{unit}"] if has_ref else []
-    columns += ["text"]
-    head = "| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
-    out = [f"# Selection samples ({cfg.method}, threshold {threshold:.4f})", ""]
-    groups = [("Highest scores", sample_ids[:SAMPLES]), ("Around the threshold", sample_ids[SAMPLES:2 * SAMPLES]),
-              ("Lowest scores", sample_ids[2 * SAMPLES:])]
-    for title, group in groups:
-        out += [f"## {title}", "", head]
-        for id_ in sorted(group, key=lambda i: -rows[i]["score"]):
-            r = rows[id_]
-            cells = [f"`{id_}`", r["source"], f"{r['score']:+.4f}", "yes" if r["kept"] else "no",
-                     f"{r['t_logprob'] / _denominator(r, 't_tokens', unit):.3f}"]
-            if has_ref:
-                cells.append(f"{r['r_logprob'] / _denominator(r, 'r_tokens', unit):.3f}")
-            out.append("| " + " | ".join(cells + [r["text"].replace("|", "\\|")]) + " |")
-        out.append("")
-    return "\n".join(out)
-
-
-def _denominator(row: dict, tokens_key: str, unit: str) -> int:
-    return max(row["n_bytes"] if unit == "byte" else row[tokens_key], 1)
-
-
-def write_report_files(output: str, score: np.ndarray, results: list[dict], report: dict, samples: str,
-                       threshold: float, cfg: SelectConfig) -> None:
-    io.write_json(io.join(output, "report.json"), report)
-    io.write_bytes(io.join(output, "samples.md"), samples.encode())
-    points = None
-    if uses_reference(cfg):
-        plots = [r["plot"] for r in results]
-        points = {name: np.concatenate([p[name] for p in plots]) for name in ("t", "r", "kept")}
-        points.update(lo=min(p["lo"] for p in plots), hi=max(p["hi"] for p in plots))
-    io.write_bytes(io.join(output, "scores.png"), plot_scores(score, report["kept"], threshold, cfg, points))
-
-
-def plot_scores(score: np.ndarray, n_kept: int, threshold: float, cfg: SelectConfig,
-                points: dict | None) -> bytes:
-    """Histogram of scores with the threshold, and teacher vs reference coloured kept/dropped
-    (`points`: a sample of instances, and the range of both over all of them)."""
-    import io as _io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if points else 1, figsize=(12 if points else 6, 4.5), squeeze=False)
-    ax = axes[0][0]
-    counts, edges = np.histogram(score, bins=60)  # in blocks: no copy of the scores
-    ax.hist(edges[:-1], edges, weights=counts, color="#4C72B0")
-    if math.isfinite(threshold):
-        ax.axvline(threshold, color="#C44E52", linestyle="--", label=f"threshold {threshold:.3f}")
-        ax.legend()
-    ax.set(title=f"{cfg.method} scores ({n_kept} of {len(score)} kept)", xlabel="score",
-           ylabel="instances")
-    if points:
-        ax = axes[0][1]
-        t, r, kept = points["t"], points["r"], points["kept"]
-        for mask, colour, label in [(~kept, "#BBBBBB", "dropped"), (kept, "#C44E52", "kept")]:
-            ax.scatter(r[mask], t[mask], s=4, c=colour, label=label, alpha=0.6)
-        ax.plot([points["lo"], points["hi"]], [points["lo"], points["hi"]], color="black", linewidth=0.8)
-        ax.set(title="teacher vs reference", xlabel=f"reference log-likelihood / {cfg.normalize}",
-               ylabel=f"teacher log-likelihood / {cfg.normalize}")
-        ax.legend()
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
