@@ -126,11 +126,20 @@ def write_bytes(url: str, data: bytes) -> None:
             raise
 
 
-def write_parquet(url: str, table: pa.Table, metadata: dict | None = None) -> None:
-    """Write one Parquet part atomically, provenance stored in the file's key-value metadata."""
-    if metadata:
+# the Ray node that computed a part: where it was made, not what it is, so kept apart from the
+# provenance (which is the same for every part of a table)
+NODE_KEY = b"miniplm.node"
+
+
+def write_parquet(url: str, table: pa.Table, metadata: dict | None = None, node: str | None = None) -> None:
+    """Write one Parquet part atomically, provenance (and the node that computed the part) stored
+    in the file's key-value metadata."""
+    if metadata or node:
         meta = dict(table.schema.metadata or {})
-        meta[b"miniplm"] = json.dumps(metadata).encode()
+        if metadata:
+            meta[b"miniplm"] = json.dumps(metadata).encode()
+        if node:
+            meta[NODE_KEY] = node.encode()
         table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -147,6 +156,17 @@ def read_parquet_metadata(url: str) -> dict:
     """The `miniplm` provenance a part file was written with ({} when none)."""
     with fsspec.open(url, "rb") as f:
         return provenance_of(pq.read_schema(f))
+
+
+def part_node(url: str) -> str | None:
+    """The id of the Ray node that computed a part file (None when not recorded)."""
+    with fsspec.open(url, "rb") as f:
+        return node_of(pq.read_schema(f))
+
+
+def node_of(schema: pa.Schema) -> str | None:
+    meta = schema.metadata or {}
+    return meta[NODE_KEY].decode() if NODE_KEY in meta else None
 
 
 def provenance_of(schema: pa.Schema) -> dict:

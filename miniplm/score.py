@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from miniplm import __version__, console, hub, io
+from miniplm.cluster import check_paths_visible
 from miniplm.config import describe, field, to_dict
 from miniplm.encode import text_encoder, tokenize_part
 from miniplm.io import read_instances_manifest
@@ -159,7 +160,10 @@ class ScoreActor:
             return SequenceScorer(model, max_length=max_length, stride=stride,
                                   batch_tokens=batch_tokens, prefix_id=prefix, packing=packing)
 
+        import ray
+
         self.instances, self.output, self.max_tries = instances, output, max_tries
+        self.node = ray.get_runtime_context().get_node_id()  # recorded with each part it scores
         self.torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
         try:
             loading = record_load(output, workers, max_tries, model_path)
@@ -198,7 +202,8 @@ class ScoreActor:
             raise ValueError(f"{part}: non-finite log-probability ({logprob[bad[0]]}) for "
                              f"instance {ids[int(bad[0])].as_py()!r}")
         return pa.table({"part": pa.array([part] * len(ids)), "id": ids,
-                         "n_tokens": row["n_tokens"][0].values, "logprob": pa.array(logprob)})
+                         "n_tokens": row["n_tokens"][0].values, "logprob": pa.array(logprob),
+                         "node": pa.array([self.node] * len(ids))})
 
 
 # ---------------------------------------------------------------- the stage
@@ -247,6 +252,8 @@ def run_score(cfg: ScoreConfig, on_part_written: Callable[[str], None] | None = 
             manifest = io.read_json(io.join(cfg.output, io.MANIFEST))
             say(f"score: {cfg.output} is already complete ({manifest['rows']} rows); nothing to do")
             return manifest
+        # on several nodes: every one must see the local paths the actors read and write
+        check_paths_visible({"--instances": cfg.instances, "--model": cfg.model}, {"--output": cfg.output})
         manifest = _score_into(cfg, instances, provenance, device=device, dtype=dtype, max_length=max_length,
                                stride=stride, on_part_written=on_part_written, started=started)
     say(f"score: {manifest['rows']} instances, {manifest['tokens']} tokens, mean log-prob per "
@@ -330,20 +337,23 @@ def _collect_parts(ds, output: str, expected: dict[str, int], provenance: dict,
                    on_part_written: Callable[[str], None] | None) -> None:
     """Buffer score rows per input part; write a part the moment its last row arrives."""
     buffers: dict[str, list[pa.Table]] = collections.defaultdict(list)
+    nodes: dict[str, set] = collections.defaultdict(set)  # the nodes whose actors scored a part
     counts: collections.Counter = collections.Counter()
     bar = console.progress(sum(expected.values()), desc="score", unit="inst")
     tokens, started = 0, time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         names = np.array(batch.column("part").to_pylist())
         for name in np.unique(names):
-            rows = batch.filter(pa.array(names == name)).select(SCORE_SCHEMA.names)
+            rows = batch.filter(pa.array(names == name))
+            nodes[name].update(rows.column("node").unique().to_pylist())
+            rows = rows.select(SCORE_SCHEMA.names)
             buffers[name].append(rows)
             counts[name] += rows.num_rows
             if counts[name] > expected[name]:
                 raise RuntimeError(f"part {name}: got {counts[name]} score rows for "
                                    f"{expected[name]} instances (duplicated rows)")
             if counts[name] == expected[name]:
-                _write_part(output, name, buffers.pop(name), provenance)
+                _write_part(output, name, buffers.pop(name), provenance, ",".join(sorted(nodes.pop(name))))
                 if on_part_written:
                     on_part_written(name)
         tokens += pc.sum(batch.column("n_tokens")).as_py() or 0
@@ -355,10 +365,10 @@ def _collect_parts(ds, output: str, expected: dict[str, int], provenance: dict,
         raise RuntimeError(f"score rows missing for parts {missing} (instances changed while scoring?)")
 
 
-def _write_part(output: str, name: str, tables: list[pa.Table], provenance: dict) -> None:
+def _write_part(output: str, name: str, tables: list[pa.Table], provenance: dict, node: str) -> None:
     table = pa.concat_tables(tables).cast(SCORE_SCHEMA)
     table = table.sort_by("id")  # deterministic: the same table whatever order rows arrived in
-    io.write_parquet(io.join(output, name), table, metadata=provenance)
+    io.write_parquet(io.join(output, name), table, metadata=provenance, node=node)
 
 
 def _finish(cfg: ScoreConfig, provenance: dict, expected: dict[str, int], seconds: float) -> dict:
@@ -374,7 +384,7 @@ def _finish(cfg: ScoreConfig, provenance: dict, expected: dict[str, int], second
         part_tokens = pc.sum(table["n_tokens"]).as_py() or 0
         rows, tokens = rows + n, tokens + part_tokens
         logprob += pc.sum(table["logprob"]).as_py() or 0.0
-        parts.append({"name": name, "rows": n, "tokens": part_tokens})
+        parts.append({"name": name, "rows": n, "tokens": part_tokens, "node": io.node_of(table.schema)})
     manifest = {"stage": "score", "version": __version__, "config": to_dict(cfg), "provenance": provenance,
                 "rows": rows, "tokens": tokens, "logprob": logprob,
                 "mean_logprob_per_token": logprob / tokens if tokens else float("nan"),

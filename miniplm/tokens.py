@@ -68,6 +68,9 @@ def pack_part(batch: dict, encoder: TextEncoder, seq_len: int, fraction: float, 
     """CPU task: one instances part -> packed `seq_len` sequences in document order; the
     partial last sequence is dropped and counted. The part's stats travel in its own Parquet
     metadata, so a part and its stats become final together (a killed build loses neither)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()  # recorded in each part it packs
     names = []
     for part, url in zip(batch["part"], batch["url"]):
         with fsspec.open(str(url), "rb") as f:
@@ -79,7 +82,7 @@ def pack_part(batch: dict, encoder: TextEncoder, seq_len: int, fraction: float, 
         column = pa.FixedSizeListArray.from_arrays(pa.array(stream[: n_seq * seq_len]), seq_len)
         stats = {"part": str(part), "sequences": n_seq, "documents": len(texts),
                  "tokens": int(len(stream)), "dropped_tokens": int(len(stream) - n_seq * seq_len)}
-        io.write_parquet(io.join(output, str(part)), pa.table({"input_ids": column}), metadata=stats)
+        io.write_parquet(io.join(output, str(part)), pa.table({"input_ids": column}), metadata=stats, node=node)
         names.append(str(part))
     return {"part": names}
 

@@ -158,6 +158,13 @@ def _train_into(cfg: TrainConfig, settings: dict, hf_config) -> dict:
         raise ValueError(f"cpus_per_worker: {cfg.num_workers} worker(s) x {cfg.cpus_per_worker} CPUs "
                          f"leave none of the cluster's {total_cpus:g} CPUs for streaming the data; "
                          "lower cpus_per_worker or num_workers")
+    from miniplm.cluster import check_paths_visible
+
+    # on several nodes: every one must see the local paths its workers and tasks read and write
+    # (the output holds the checkpoints Ray Train restores from after a lost node)
+    check_paths_visible({"data.path": cfg.data.path, "model.tokenizer": cfg.model.tokenizer,
+                         "eval.data": cfg.eval.data, "kd.teacher": cfg.kd.teacher if cfg.kd else None},
+                        {"output": cfg.output, "token_cache": cfg.token_cache})
     started = time.time()
     cache_root = cfg.token_cache or io.join(cfg.output, "tokens")
     cache, cache_manifest = build_token_cache(cfg.data, cfg.model.tokenizer, cache_root)
