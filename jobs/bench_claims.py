@@ -1,4 +1,4 @@
-"""The paper's claims in miniature, each with seeds: C1-C7 of `miniplm.claims` on a finished demo
+"""The paper's claims in miniature, each with seeds: C1-C7 of `miniplm.studies.claims` on a finished demo
 (or pipeline) run, whose corpus, score tables and selections are reused.
 
     miniplm demo                                   # first: corpus, reference, score tables, selections
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from miniplm.claims import ALL_CLAIMS, StudyConfig, run_study, tables
+from miniplm.studies.claims import ALL_CLAIMS, StudyConfig, run_study, tables
 from miniplm.config import absolute_path
 
 

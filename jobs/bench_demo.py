@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 
 from miniplm.config import absolute_path
-from miniplm.pipeline import saved_pipeline
-from miniplm.replicate import replicate, seeds_table, verdict
+from miniplm.pipeline.run import saved_pipeline
+from miniplm.studies.replicate import replicate, seeds_table, verdict
 
 
 def main() -> None:

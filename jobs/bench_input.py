@@ -51,7 +51,7 @@ def timed(batches, n: int, seq_len: int, micro_batch: int) -> tuple[float, float
 
 
 def sampler_path(root, manifest, args) -> dict:
-    from miniplm.sampler import CacheSampler
+    from miniplm.data.sampler import CacheSampler
 
     make = lambda: CacheSampler(str(root), manifest, seed=0, rank=0, world=1,  # noqa: E731
                                 window=args.window, micro_batch=args.micro_batch)

@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from miniplm.prepare import PrepareConfig, run_prepare
+    from miniplm.data.prepare import PrepareConfig, run_prepare
 
     # a Ray of our own (not any cluster already running on the machine), so we measure only it
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)

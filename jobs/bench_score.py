@@ -163,7 +163,7 @@ def sync(device: str) -> None:
 def run_score_stage(args, workdir: pathlib.Path) -> dict:
     import ray
 
-    from miniplm.score import ScoreConfig, run_score
+    from miniplm.scoring.score import ScoreConfig, run_score
 
     # the actor gets `threads` CPUs like the other modes, plus one for tokenising tasks
     ray.init(address="local", num_cpus=args.threads + 1, include_dashboard=False, logging_level="ERROR")
@@ -190,7 +190,7 @@ def load(args, model: str | None = None):
 def bench_windows(tok, docs: list[str]) -> tuple[list[list[int]], list[int], int]:
     """The score stage's windows (1024 tokens, stride 512) of every document, how many tokens
     each scores, and the documents' token count."""
-    from miniplm.logprob import windows
+    from miniplm.scoring.logprob import windows
 
     seqs = [[tok.bos_token_id] + x for x in tok(docs, add_special_tokens=False)["input_ids"]]
     wins = [(seq[w.start:w.end], w.end - w.first_target) for seq in seqs
@@ -217,7 +217,7 @@ def run_forward(args, docs: list[str], layout: str) -> dict:
     the model's own forward with its full logits, no cache."""
     import torch
 
-    from miniplm.logprob import pack_by_tokens, pack_flat
+    from miniplm.scoring.logprob import pack_by_tokens, pack_flat
 
     model, tok = load(args)
     wins, scored, tokens = bench_windows(tok, docs)
@@ -266,7 +266,7 @@ def run_scorer_memory(args, docs: list[str], model_dir: str) -> dict:
     """The scorer in-process (no Ray): peak memory above the loaded model."""
     import numpy as np
 
-    from miniplm.logprob import SequenceScorer
+    from miniplm.scoring.logprob import SequenceScorer
 
     model, tok = load(args, model_dir)
     seqs = [np.array(x) for x in tok(docs, add_special_tokens=False)["input_ids"]]
@@ -288,8 +288,8 @@ def device_peak(device: str) -> tuple[float, str]:
     table, else training's measured matmul rate, labelled as measured."""
     import torch
 
-    from miniplm.flops import table_peak
-    from miniplm.loop import measure_peak_flops
+    from miniplm.training.flops import table_peak
+    from miniplm.training.loop import measure_peak_flops
 
     name = torch.cuda.get_device_name()
     known = table_peak(torch.device(device))
@@ -327,7 +327,7 @@ def main() -> None:
 
     import ray
 
-    from miniplm.prepare import PrepareConfig, run_prepare
+    from miniplm.data.prepare import PrepareConfig, run_prepare
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="bench_score_"))
     docs = mixed_length_corpus(args.docs)

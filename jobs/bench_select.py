@@ -152,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from miniplm.select import SelectConfig, run_select
+    from miniplm.selection.select import SelectConfig, run_select
 
     # a Ray of our own (not any cluster already running on the machine), so we measure only it
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)

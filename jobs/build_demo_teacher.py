@@ -1,4 +1,4 @@
-"""Build the demo's built-in teacher (miniplm/assets/demo-teacher): the demo's corpus steps,
+"""Build the demo's built-in teacher (miniplm/demo/assets/demo-teacher): the demo's corpus steps,
 then the teacher's training (mini preset, 2.5M tokens of D_ref; about 9 minutes on 2 CPUs).
 It writes the checkpoint, its tokenizer and provenance.json (the command, corpus, split,
 training config and the sha256 of every file).
@@ -21,8 +21,8 @@ import shutil
 import subprocess
 
 from miniplm import io
-from miniplm.demo_teacher import ASSET, COMMAND, FILES, PROVENANCE, RECIPE, file_sha256
-from miniplm.pipeline import DEMO_CONFIG, Steps, load_pipeline, prepare_data, step_markers, train_model
+from miniplm.demo.teacher import ASSET, COMMAND, FILES, PROVENANCE, RECIPE, file_sha256
+from miniplm.pipeline.run import DEMO_CONFIG, Steps, load_pipeline, prepare_data, step_markers, train_model
 
 
 def build(workdir: str, output: str = ASSET) -> dict:

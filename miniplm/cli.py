@@ -13,12 +13,12 @@ from miniplm.config import absolute_paths, add_arguments, from_namespace
 
 
 def _stages() -> dict[str, tuple[type, Callable, str]]:
-    from miniplm.prepare import PrepareConfig, run_prepare
-    from miniplm.score import ScoreConfig, run_score
-    from miniplm.select import SelectConfig, run_select
-    from miniplm.evaluate import EvalConfig, run_eval
-    from miniplm.report import ReportConfig, run_report
-    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
+    from miniplm.data.prepare import PrepareConfig, run_prepare
+    from miniplm.scoring.score import ScoreConfig, run_score
+    from miniplm.selection.select import SelectConfig, run_select
+    from miniplm.evaluation.evaluate import EvalConfig, run_eval
+    from miniplm.evaluation.report import ReportConfig, run_report
+    from miniplm.data.tokenizer import TokenizerConfig, run_train_tokenizer
 
     return {
         "prepare": (PrepareConfig, run_prepare, "raw corpus -> instances dataset"),
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`miniplm plan` and `miniplm run --dry-run`: the plan printed; 2 when a problem would fail the run."""
-    from miniplm.plan import make_plan, render, to_json
+    from miniplm.pipeline.plan import make_plan, render, to_json
 
     if not args.tflops > 0:
         parser.error(f"{args.command}: --tflops must be > 0, got {args.tflops}")
@@ -147,11 +147,11 @@ def resolve(args: argparse.Namespace) -> tuple[object, Callable]:
     """The command's config, with every local path made absolute, and the function to run it."""
     if args.command == "train":
         from miniplm.config import load
-        from miniplm.train import TrainConfig, run_train
+        from miniplm.training.train import TrainConfig, run_train
 
         cfg, run = load(TrainConfig, args.config, args.overrides), run_train
     elif args.command in ("run", "demo"):
-        from miniplm.pipeline import demo_config, load_pipeline, run_pipeline
+        from miniplm.pipeline.run import demo_config, load_pipeline, run_pipeline
 
         cfg = (load_pipeline(args.config, args.overrides) if args.command == "run"
                else demo_config(args.output, quick=args.quick, with_kd=args.with_kd))

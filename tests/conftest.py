@@ -285,7 +285,7 @@ SCORE_SETTINGS = dict(cpus_per_worker=0.5, batch_tokens=2048)
 @pytest.fixture(scope="session")
 def instances(documents, tmp_path_factory, ray_session) -> pathlib.Path:
     """~60 real documents in 4 parts; many longer than the tiny models' 64-token context."""
-    from miniplm.prepare import PrepareConfig, run_prepare
+    from miniplm.data.prepare import PrepareConfig, run_prepare
 
     root = tmp_path_factory.mktemp("score_corpus")
     write_jsonl(root / "raw" / "docs.jsonl", [{"text": d} for d in documents[:60]])
@@ -297,7 +297,7 @@ def instances(documents, tmp_path_factory, ray_session) -> pathlib.Path:
 
 def score(instances, model_dir, output, **kw) -> dict:
     """`run_score` of `instances` by `model_dir` into `output`, as the tests score; its manifest."""
-    from miniplm.score import ScoreConfig, run_score
+    from miniplm.scoring.score import ScoreConfig, run_score
 
     return run_score(ScoreConfig(instances=str(instances), model=str(model_dir), output=str(output),
                                  **SCORE_SETTINGS, **kw))

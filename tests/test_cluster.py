@@ -41,7 +41,7 @@ def stage_config(argv: list[str]):
     stage = pathlib.Path(script).stem.removeprefix("job_")
     args = build_parser().parse_args([stage, *args])
     if stage == "train":
-        from miniplm.train import TrainConfig
+        from miniplm.training.train import TrainConfig
 
         config = str(REPO / args.config) if args.config else None
         return stage, load(TrainConfig, config, args.overrides), args.config

@@ -13,8 +13,8 @@ from conftest import SCORE_SETTINGS, write_jsonl
 
 from miniplm import io
 from miniplm.cli import user_message
-from miniplm.prepare import PrepareConfig, run_prepare
-from miniplm.score import ScoreConfig, run_score
+from miniplm.data.prepare import PrepareConfig, run_prepare
+from miniplm.scoring.score import ScoreConfig, run_score
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from conftest import read_metrics, save_tiny_model, train_overrides, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
 from miniplm.config import load
-from miniplm.distill import Objective, enable_activation_checkpointing, head_is_plain
-from miniplm.flops import matmul_params
-from miniplm.train import TrainConfig, run_train
+from miniplm.training.distill import Objective, enable_activation_checkpointing, head_is_plain
+from miniplm.training.flops import matmul_params
+from miniplm.training.train import TrainConfig, run_train
 
 
 def tiny(kind: str, vocab: int, *, hidden: int = 64, layers: int = 2, seed: int = 0):
@@ -156,7 +156,7 @@ def test_matmul_params_count_the_head_once_and_no_lookups(tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def corpus(documents, tmp_path_factory, ray_session):
-    from miniplm.prepare import PrepareConfig, run_prepare
+    from miniplm.data.prepare import PrepareConfig, run_prepare
 
     root = tmp_path_factory.mktemp("kd_corpus")
     write_jsonl(root / "raw" / "a.jsonl", [{"text": d} for d in documents])

@@ -1,4 +1,4 @@
-"""Ray tasks tokenise with `miniplm.encode.TextEncoder`: the HF tokenizer's own Rust backend,
+"""Ray tasks tokenise with `miniplm.data.encode.TextEncoder`: the HF tokenizer's own Rust backend,
 handed over by the driver, so that a task does not import transformers (and with it torch).
 It must encode exactly as the HF tokenizer does."""
 
@@ -35,7 +35,7 @@ def unigram_dir(documents, tmp_path_factory):
 def test_encoder_gives_the_hf_tokenizers_ids(fixture, documents, request):
     from transformers import AutoTokenizer
 
-    from miniplm.encode import text_encoder
+    from miniplm.data.encode import text_encoder
 
     path = str(request.getfixturevalue(fixture))
     hf = AutoTokenizer.from_pretrained(path)
@@ -49,7 +49,7 @@ def test_encoder_gives_the_hf_tokenizers_ids(fixture, documents, request):
 def test_a_task_encodes_without_importing_transformers_or_torch(tokenizer_dir, documents, ray_session):
     import ray
 
-    from miniplm.encode import text_encoder
+    from miniplm.data.encode import text_encoder
 
     encoder = text_encoder(str(tokenizer_dir))
 

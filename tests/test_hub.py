@@ -85,8 +85,8 @@ def test_score_by_hub_id_equals_score_by_path(hub_home, instances, llama_scores,
 RESOLVE = """
 import json, sys
 from miniplm.config import load
-from miniplm.pipeline import DEMO_CONFIG, load_pipeline
-from miniplm.train import TrainConfig
+from miniplm.pipeline.run import DEMO_CONFIG, load_pipeline
+from miniplm.training.train import TrainConfig
 
 repo, out = sys.argv[1], sys.argv[2]
 train = load(TrainConfig, None, [f"output={out}/run", f"data.path={out}/data", f"model.tokenizer={repo}",
@@ -142,7 +142,7 @@ def test_a_local_folder_wins_over_a_hub_id(hub_home, llama_dir, tmp_path):
 
     home, _ = hub_home
     shutil.copytree(llama_dir, tmp_path / REPO)
-    code = "import sys; from miniplm.config import resolve_hub_ids; from miniplm.score import ScoreConfig; " \
+    code = "import sys; from miniplm.config import resolve_hub_ids; from miniplm.scoring.score import ScoreConfig; " \
            "print(resolve_hub_ids(ScoreConfig, {'model': sys.argv[1]})['model'])"
     done = subprocess.run([sys.executable, "-c", code, REPO], env=hub_env(home), cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

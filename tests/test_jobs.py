@@ -18,7 +18,7 @@ import pytest
 from conftest import free_port, kill_tree, write_jsonl
 
 from miniplm import io
-from miniplm.prepare import PrepareConfig, run_prepare
+from miniplm.data.prepare import PrepareConfig, run_prepare
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # the `ray` command of this Python's environment (found even when its bin/ is not on PATH)

@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import read_metrics
 
-from miniplm import demo_teacher, io
-from miniplm.demo_teacher import ASSET
+from miniplm import io
+from miniplm.demo import teacher as demo_teacher
+from miniplm.demo.teacher import ASSET
 from miniplm.models import model_fingerprint
-from miniplm.pipeline import DEMO_CONFIG, demo_config, load_pipeline, run_pipeline
+from miniplm.pipeline.run import DEMO_CONFIG, demo_config, load_pipeline, run_pipeline
 
 
 def read_parts(root) -> list[str]:
@@ -179,7 +180,7 @@ def test_the_builtin_teacher_ships_in_the_wheel():
 
     root = os.path.join(os.path.dirname(__file__), "..")
     with open(os.path.join(root, "pyproject.toml"), "rb") as f:
-        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["miniplm"]
+        patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["miniplm.demo"]  # the teacher's package
     shipped = sorted(os.listdir(ASSET))
     assert set(shipped) == {"provenance.json", *demo_teacher.provenance()["files"]}
     for name in shipped:
@@ -191,7 +192,7 @@ def test_sample_corpus_comes_from_the_base_install_only():
     is installed: the dev/eval extras here (pytest, moto, lm-eval) must not leak into it."""
     from packaging.requirements import Requirement
 
-    from miniplm.sample_corpus import _canonical, base_distributions
+    from miniplm.demo.sample_corpus import _canonical, base_distributions
 
     names = {_canonical(d.metadata["Name"]) for d in base_distributions()}
     base = {_canonical(Requirement(r).name) for r in __import__("importlib.metadata").metadata
@@ -207,7 +208,7 @@ def sample(tmp_path_factory) -> tuple[dict, dict[str, list[str]]]:
     """The demo's sample corpus, written as the demo writes it: (manifest, texts per file name)."""
     import json
 
-    from miniplm.sample_corpus import write_sample_corpus
+    from miniplm.demo.sample_corpus import write_sample_corpus
 
     out = tmp_path_factory.mktemp("sample")
     manifest = write_sample_corpus(str(out), max_bytes=2_000_000)
@@ -269,7 +270,7 @@ def test_pile_qwen_config_shows_the_papers_four_arms():
     import yaml
 
     from miniplm.config import build
-    from miniplm.pipeline import StudentSpec
+    from miniplm.pipeline.run import StudentSpec
 
     path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "pile-qwen.yaml")
     with open(path) as f:

@@ -1,6 +1,6 @@
 """`miniplm plan` and `miniplm run --dry-run`: a pipeline YAML resolved, checked and costed before
 any work, writing nothing and starting no Ray. FLOPs are checked against the accounting of
-miniplm/flops.py computed here from the models' architecture numbers."""
+miniplm/training/flops.py computed here from the models' architecture numbers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import train_tokenizer
 from test_hub import write_hub_cache
 
 from miniplm.cli import main
-from miniplm.pipeline import DEMO_CONFIG
+from miniplm.pipeline.run import DEMO_CONFIG
 
 PILE_QWEN = str(pathlib.Path(__file__).resolve().parent.parent / "jobs" / "configs" / "pile-qwen.yaml")
 TEACHER = "Qwen/Qwen1.5-1.8B"
@@ -111,7 +111,7 @@ def test_plan_of_the_demo_lists_every_step_and_writes_nothing(tmp_path, capsys, 
         "eval students per source"]]
     assert not any(p["fatal"] for p in plan["problems"])
     # the sample corpus is described as the run will write it: the same documents and bytes
-    from miniplm.sample_corpus import write_sample_corpus
+    from miniplm.demo.sample_corpus import write_sample_corpus
 
     manifest = write_sample_corpus(str(tmp_path / "sample"), max_bytes=2_000_000)
     capsys.readouterr()  # (its summary line)

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_jsonl
 
-from miniplm import io, prepare
+from miniplm import io
+from miniplm.data import prepare
 from miniplm.cli import user_message
-from miniplm.prepare import INSTANCE_SCHEMA, BadRecord, PrepareConfig, run_prepare, split_text
+from miniplm.data.prepare import INSTANCE_SCHEMA, BadRecord, PrepareConfig, run_prepare, split_text
 
 
 def read_instances(root) -> pa.Table:
@@ -79,7 +80,7 @@ def test_strict_names_file_and_line(messy_corpus, tmp_path, ray_session):
                                   output=str(tmp_path / "o"), strict=True))
     assert user_message(info.value).endswith("web.jsonl, line 2: invalid json")
     with pytest.raises(BadRecord, match="line 2: invalid json"):
-        from miniplm.prepare import prepare_file
+        from miniplm.data.prepare import prepare_file
         prepare_file(str(messy_corpus / "web.jsonl"), "web.jsonl", 0,
                      PrepareConfig(inputs=["x"], output=str(tmp_path / "p"), strict=True))
 
@@ -107,7 +108,7 @@ def test_long_documents_split_and_rerun_is_noop(corpus_dir, tmp_path, ray_sessio
 
 def test_resume_after_kill_matches_clean_run(corpus_dir, tmp_path, ray_session):
     """A run killed after one file finished: the re-run redoes only the other file."""
-    from miniplm import prepare
+    from miniplm.data import prepare
 
     cfg = PrepareConfig(inputs=[str(corpus_dir)], output=str(tmp_path / "a"), rows_per_part=40)
     clean = run_prepare(PrepareConfig(inputs=cfg.inputs, output=str(tmp_path / "clean"),
@@ -309,7 +310,7 @@ def test_strict_names_file_and_line_of_each_bad_kind(tmp_path):
 
 RSS_SCRIPT = """
 import json, pathlib, resource, sys
-from miniplm.prepare import PrepareConfig, expand_inputs, prepare_file, relative_names
+from miniplm.data.prepare import PrepareConfig, expand_inputs, prepare_file, relative_names
 cfg = PrepareConfig(inputs=[sys.argv[1]], output=sys.argv[2], rows_per_part=100)
 urls = expand_inputs(cfg.inputs)
 warm = pathlib.Path(sys.argv[3])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from miniplm.replicate import SeedResult, seeds_table, students_for, verdict
+from miniplm.studies.replicate import SeedResult, seeds_table, students_for, verdict
 
 
 def test_two_budgets_of_one_preset_get_their_own_students():

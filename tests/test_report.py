@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from miniplm.report import Curve, ReportConfig, compute_saving_factor, fit_power_law, run_report
+from miniplm.evaluation.report import Curve, ReportConfig, compute_saving_factor, fit_power_law, run_report
 
 
 def law(c):
@@ -90,7 +90,7 @@ def write_kd_run(path, flops, loss, teacher_share: float, data: str | None = Non
 def test_report_lists_flops_per_model_and_the_offline_teacher_pass(tmp_path, llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from miniplm.flops import matmul_params
+    from miniplm.training.flops import matmul_params
 
     # MiniPLM's chain: corpus (select manifest) -> teacher score table -> teacher checkpoint
     table, refined, lost = tmp_path / "scores", tmp_path / "refined", tmp_path / "refined_elsewhere"

@@ -21,7 +21,7 @@ from conftest import SCORE_SETTINGS, save_tiny_model, score, write_jsonl
 
 from miniplm import io
 from miniplm.cli import main
-from miniplm.score import ScoreConfig, run_score
+from miniplm.scoring.score import ScoreConfig, run_score
 
 
 def listing(root) -> dict[str, bytes]:
@@ -216,7 +216,7 @@ def test_lease_on_object_storage_is_exclusive(s3_server):
 
 @pytest.mark.parametrize("name", ["../../x", "a/b", ".."])
 def test_names_from_a_config_cannot_leave_the_run_folder(name, tmp_path):
-    from miniplm.pipeline import DEMO_CONFIG, load_pipeline
+    from miniplm.pipeline.run import DEMO_CONFIG, load_pipeline
 
     run = f"output={tmp_path / 'run'}"
     with pytest.raises(ValueError, match=r"students\[0\]\.name: .* is not a plain name"):
@@ -270,7 +270,7 @@ def test_select_refuses_a_table_whose_parts_two_models_wrote(instances, llama_sc
 
 
 def test_prepare_notices_an_input_changed_since(tmp_path, documents, ray_session, capsys):
-    from miniplm.prepare import PrepareConfig, run_prepare
+    from miniplm.data.prepare import PrepareConfig, run_prepare
 
     raw = write_jsonl(tmp_path / "raw" / "docs.jsonl", [{"text": d} for d in documents[:5]])
     cfg = PrepareConfig(inputs=[str(raw)], output=str(tmp_path / "inst"))
@@ -318,7 +318,7 @@ def test_an_unknown_report_baseline_is_one_line_and_debug_shows_the_traceback(tm
 
 
 def test_an_lm_eval_task_yaml_with_function_tags_names_its_task(tmp_path):
-    from miniplm.evaluate import task_name
+    from miniplm.evaluation.evaluate import task_name
 
     spec = tmp_path / "arc_local.yaml"
     spec.write_text("task: arc_local\ndataset_path: json\nprocess_docs: !function utils.process_docs\n"
@@ -344,7 +344,7 @@ def test_a_held_output_exits_2_naming_the_holder(instances, llama_dir, tmp_path,
 def test_a_tokenizer_is_reused_only_for_the_same_settings(instances, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
+    from miniplm.data.tokenizer import TokenizerConfig, run_train_tokenizer
 
     out = tmp_path / "tok"
     run_train_tokenizer(TokenizerConfig(instances=str(instances), output=str(out), vocab_size=300))
@@ -359,8 +359,8 @@ def test_a_tokenizer_is_reused_only_for_the_same_settings(instances, tmp_path, c
 
 
 def test_a_sample_corpus_of_another_size_is_not_reused(tmp_path):
-    from miniplm.pipeline import DEMO_CONFIG, Steps, load_pipeline, prepare_data
-    from miniplm.sample_corpus import write_sample_corpus
+    from miniplm.pipeline.run import DEMO_CONFIG, Steps, load_pipeline, prepare_data
+    from miniplm.demo.sample_corpus import write_sample_corpus
 
     run = tmp_path / "run"
     write_sample_corpus(str(run / "sample"), max_bytes=100_000)
@@ -377,7 +377,7 @@ def test_a_final_checkpoint_appears_whole_or_not_at_all(llama_dir, tokenizer_dir
 
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from miniplm.loop import save_final
+    from miniplm.training.loop import save_final
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
     cfg = types.SimpleNamespace(output=str(tmp_path / "run"), model=types.SimpleNamespace(tokenizer=str(tokenizer_dir)))

@@ -15,9 +15,9 @@ from conftest import SCORE_SETTINGS, ray_worker_pids, save_tiny_model, score, wr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from miniplm import io
-from miniplm.logprob import pack_by_tokens, windows
-from miniplm.prepare import PrepareConfig, run_prepare
-from miniplm.score import PartKillsWorker, ScoreConfig, run_score
+from miniplm.scoring.logprob import pack_by_tokens, windows
+from miniplm.data.prepare import PrepareConfig, run_prepare
+from miniplm.scoring.score import PartKillsWorker, ScoreConfig, run_score
 
 
 def read_table(root) -> pa.Table:
@@ -145,7 +145,7 @@ def test_packed_rows_equal_padded_rows_and_model_loss(model_fixture, documents, 
     """Packed rows (windows side by side, positions restarting per window, no mask) score
     exactly what padded rows and the model's own `labels=` loss score: attention never
     crosses from one window into the next, and absolute position embeddings (GPT-2) restart."""
-    from miniplm.logprob import SequenceScorer
+    from miniplm.scoring.logprob import SequenceScorer
 
     model, tok, texts, seqs = load_scorer_inputs(request.getfixturevalue(model_fixture), documents, n=12)
     L = model.config.max_position_embeddings
@@ -166,7 +166,7 @@ def test_packed_rows_equal_padded_rows_and_model_loss(model_fixture, documents, 
 def test_head_chunks_vocabulary_blocks_and_model_logits_agree(llama_dir, documents):
     """The memory-bounded LM head (scored positions only, vocabulary in blocks) and the
     fallback through the model's own logits (a few rows at a time) change no number."""
-    from miniplm.logprob import SequenceScorer
+    from miniplm.scoring.logprob import SequenceScorer
 
     model, tok, _, seqs = load_scorer_inputs(llama_dir, documents, n=12)
     vocab = model.config.vocab_size
@@ -193,7 +193,7 @@ def test_model_that_post_processes_logits_is_scored_by_its_own_logits(tokenizer_
     the model's logits (packed falls back to rows), and still equals the model's own loss."""
     from transformers import Gemma2Config
 
-    from miniplm.logprob import SequenceScorer
+    from miniplm.scoring.logprob import SequenceScorer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -239,8 +239,8 @@ def test_score_actor_runs_all_its_torch_work_on_one_thread(instances, llama_dir,
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from miniplm.encode import text_encoder, tokenize_part
-    from miniplm.score import ScoreActor
+    from miniplm.data.encode import text_encoder, tokenize_part
+    from miniplm.scoring.score import ScoreActor
 
     part = io.read_json(str(instances / io.MANIFEST))["parts"][0]
     row = tokenize_part({"part": [part["name"]], "url": [io.join(str(instances), part["name"])]},
@@ -433,7 +433,7 @@ def test_cuda_model_loads_in_bf16_straight_onto_the_gpu(llama_dir):
 @cuda
 @pytest.mark.parametrize("packing", ["padded", "packed"])
 def test_cuda_scores_equal_cpu_scores_and_repeat_bit_for_bit(llama_dir, documents, packing):
-    from miniplm.logprob import SequenceScorer
+    from miniplm.scoring.logprob import SequenceScorer
     from miniplm.models import load_model
 
     model, tok, _, seqs = load_scorer_inputs(llama_dir, documents, n=12)

@@ -17,9 +17,9 @@ import pytest
 from conftest import save_tiny_model, score, write_jsonl
 
 from miniplm import io
-from miniplm.split import split_instances
-from miniplm.prepare import PrepareConfig, run_prepare
-from miniplm.select import SelectConfig, keep_count, run_select
+from miniplm.data.split import split_instances
+from miniplm.data.prepare import PrepareConfig, run_prepare
+from miniplm.selection.select import SelectConfig, keep_count, run_select
 
 
 def table_df(root) -> pd.DataFrame:

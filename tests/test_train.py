@@ -19,9 +19,9 @@ from conftest import free_port, kill_tree, ray_worker_pids, read_metrics, train_
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from miniplm.config import load
-from miniplm.prepare import PrepareConfig, run_prepare
-from miniplm.score import ScoreConfig, run_score
-from miniplm.train import TrainConfig, run_train
+from miniplm.data.prepare import PrepareConfig, run_prepare
+from miniplm.scoring.score import ScoreConfig, run_score
+from miniplm.training.train import TrainConfig, run_train
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_a_non_finite_loss_stops_every_rank_at_its_step_with_no_checkpoint_there
 
 AGREE = """
 import json, sys, torch, torch.distributed as dist
-from miniplm.loop import mean_over_ranks
+from miniplm.training.loop import mean_over_ranks
 rank, port = int(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 nan, inf = float("nan"), float("inf")
@@ -248,7 +248,7 @@ def test_model_config_reaches_workers_as_a_dict_and_builds_the_same_model(tokeni
 
 
 def test_cosine_schedule_lands_on_its_floor_at_the_last_step(corpus, tokenizer_dir, tmp_path):
-    from miniplm.loop import lr_at
+    from miniplm.training.loop import lr_at
 
     for steps, warmup in ((100, 10), (12, 10), (11, 10), (1, 0)):
         cfg = config(corpus, tokenizer_dir, tmp_path, f"steps={steps}", f"optim.warmup_steps={warmup}")
@@ -262,7 +262,7 @@ def test_cosine_schedule_lands_on_its_floor_at_the_last_step(corpus, tokenizer_d
 def test_a_checkpoint_cannot_run_code_when_restored(tmp_path):
     import torch
 
-    from miniplm.loop import load_state
+    from miniplm.training.loop import load_state
 
     marker = tmp_path / "pwned"
 
@@ -284,7 +284,7 @@ def test_metrics_log_resumes_past_a_torn_last_line(tmp_path, capsys):
     """A run killed mid-append leaves half a line at the end of metrics.jsonl: the resumed run
     drops it (saying so once) and appends on a line of its own; a bad line before the end is
     no kill's doing and stops the run, naming file and line."""
-    from miniplm.loop import MetricsLog
+    from miniplm.training.loop import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 6.0 - s / 10} for s in range(1, 7)]
@@ -337,7 +337,7 @@ def test_held_out_sample_spans_the_whole_set(tmp_path):
     factor is read from must measure the same text as the final held-out loss."""
     import numpy as np
 
-    from miniplm.tokens import read_sequences
+    from miniplm.data.tokens import read_sequences
 
     manifest = synthetic_cache(tmp_path, [37, 41, 0, 29, 53])
     sample = read_sequences(str(tmp_path), manifest, 10)
@@ -350,7 +350,7 @@ def test_held_out_sample_spans_the_whole_set(tmp_path):
 def test_sampler_passes_differ_ranks_split_and_resume_reads_only_its_window(tmp_path):
     import itertools
 
-    from miniplm.sampler import CacheSampler
+    from miniplm.data.sampler import CacheSampler
 
     manifest = synthetic_cache(tmp_path, [37, 41, 0, 29, 53, 31, 47, 43, 38, 26])
     kw = dict(seed=3, window=2, micro_batch=5)
@@ -504,7 +504,7 @@ def test_training_sees_each_document_start_as_scoring_does(corpus, tokenizer_dir
 
     from miniplm.models import prefix_token_id
     from miniplm.models import load_tokenizer
-    from miniplm.tokens import DataSpec, build_token_cache, read_sequences
+    from miniplm.data.tokens import DataSpec, build_token_cache, read_sequences
 
     for tok_dir, cache_root in ((tokenizer_dir, clean_run / "tokens"), (gpt2_eos_only_dir, tmp_path)):
         tok = load_tokenizer(str(tok_dir))

@@ -1,6 +1,6 @@
 """The train stage's config: model, data, optimiser, evaluation, online distillation and budget.
-Its own module so that the loop every Ray Train worker runs (`miniplm.loop`) and the stage that
-launches it (`miniplm.train`) both import it, and neither imports the other."""
+Its own module so that the loop every Ray Train worker runs (`miniplm.training.loop`) and the stage that
+launches it (`miniplm.training.train`) both import it, and neither imports the other."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 from miniplm.config import field
 from miniplm.models import PRESETS, ModelSpec
-from miniplm.tokens import DataSpec
+from miniplm.data.tokens import DataSpec
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -169,7 +169,7 @@ def load_config(path: str, overrides: list[str], plan: Plan) -> tuple[object | N
     None when it does not build; its raw values, None when even those do not load). Every model
     or tokenizer it names is checked first, so that each missing one is a problem of its own."""
     from miniplm.config import absolute_paths, build, load_values
-    from miniplm.pipeline import PipelineConfig
+    from miniplm.pipeline.run import PipelineConfig
 
     try:
         values = load_values(path, overrides)
@@ -192,7 +192,7 @@ def load_config(path: str, overrides: list[str], plan: Plan) -> tuple[object | N
 def check_inputs_only(values: dict, plan: Plan) -> None:
     """The corpus files of a config that does not build as a whole."""
     from miniplm.config import absolute_paths, build
-    from miniplm.pipeline import CorpusSpec
+    from miniplm.pipeline.run import CorpusSpec
 
     try:
         corpus = absolute_paths(build(CorpusSpec, values.get("corpus") or {}), "corpus.")
@@ -206,7 +206,7 @@ def check_inputs_only(values: dict, plan: Plan) -> None:
 def named_models(values: dict) -> list[tuple[str, str, str]]:
     """(key, name, kind) of every model, tokenizer or model config a raw pipeline config names,
     keywords (`builtin`, a KD student's `teacher`) left out; kind is checkpoint, tokenizer or config."""
-    from miniplm.demo_teacher import BUILTIN
+    from miniplm.demo.teacher import BUILTIN
 
     def get(d, key):
         return d.get(key) if isinstance(d, dict) else None
@@ -279,7 +279,7 @@ def load_tokenizers(cfg, plan: Plan) -> dict[str, object]:
     """Each local tokenizer the run uses, loaded, by its folder; problems for those that do not
     load. The pipeline's own tokenizer is absent when the run trains it."""
     from miniplm.models import is_tokenizer_dir, load_tokenizer
-    from miniplm.pipeline import resolve_builtin
+    from miniplm.pipeline.run import resolve_builtin
 
     scored = {f"{role}.checkpoint": resolve_builtin(getattr(cfg, role).checkpoint)
               for role in ("teacher", "reference")}
@@ -312,7 +312,7 @@ def load_tokenizers(cfg, plan: Plan) -> dict[str, object]:
 def scoring_tokenizer(cfg, role: str) -> str | None:
     """The folder of the tokenizer `role` scores with: its checkpoint's own, or the pipeline's
     (None: trained by the run)."""
-    from miniplm.pipeline import resolve_builtin
+    from miniplm.pipeline.run import resolve_builtin
 
     return resolve_builtin(getattr(cfg, role).checkpoint or cfg.tokenizer)
 
@@ -322,7 +322,7 @@ def check_scored_models(cfg, tokenizers: dict, plan: Plan) -> None:
     tokenizer's ids fit (score refuses one they overflow), and one tokenizer when selection
     normalises per token."""
     from miniplm.models import check_vocab, tokenizer_fingerprint
-    from miniplm.pipeline import resolve_builtin
+    from miniplm.pipeline.run import resolve_builtin
 
     for role in ("teacher", "reference"):
         key, path = f"{role}.checkpoint", resolve_builtin(getattr(cfg, role).checkpoint)
@@ -397,7 +397,7 @@ class Sample:
 
 def resolve_corpus(cfg, plan: Plan) -> Sample | None:
     """List the corpus and held-out files (problems for what is missing) and sample the corpus."""
-    from miniplm.sample_corpus import HELDOUT_FRACTION, gather
+    from miniplm.demo.sample_corpus import HELDOUT_FRACTION, gather
 
     c = cfg.corpus
     if c.inputs == ["sample"]:
@@ -435,7 +435,7 @@ def list_inputs(key: str, patterns: list[str], plan: Plan) -> Inputs:
     """The files behind each pattern (prepare's own expansion), with their stored sizes."""
     from fsspec.core import url_to_fs
 
-    from miniplm.prepare import COMPRESSIONS, expand_inputs
+    from miniplm.data.prepare import COMPRESSIONS, expand_inputs
 
     files = []
     for i, pattern in enumerate(patterns):
@@ -455,7 +455,7 @@ def list_inputs(key: str, patterns: list[str], plan: Plan) -> Inputs:
 
 def sample_texts(texts: list[str], stored: int, max_chars: int) -> Sample:
     """A Sample of documents held in memory (the built-in sample corpus): every one read."""
-    from miniplm.prepare import split_text
+    from miniplm.data.prepare import split_text
 
     pieces = [split_text(t, max_chars) for t in texts]
     first = [p for doc in pieces[:SAMPLE_DOCS] for p in doc]
@@ -467,7 +467,7 @@ def sample_texts(texts: list[str], stored: int, max_chars: int) -> Sample:
 def sample_files(urls: list[str], max_chars: int, output: str) -> Sample:
     """The first documents of the corpus, read from the start of its files in order, until
     SAMPLE_DOCS documents are in (at most PREFIX_BYTES of content per file)."""
-    from miniplm.prepare import PrepareConfig, file_format
+    from miniplm.data.prepare import PrepareConfig, file_format
 
     prep = PrepareConfig(inputs=urls, output=io.join(output, "instances"), max_chars=max_chars)
     s = Sample([], 0, 0.0, 0, 0, 0, 0, 0, True, {})
@@ -489,7 +489,7 @@ def sample_files(urls: list[str], max_chars: int, output: str) -> Sample:
 
 def take_rows(url: str, prep, s: Sample, limit: int | None = None) -> int:
     """Add the documents of `url` (the first `limit` rows) to the sample; returns the rows read."""
-    from miniplm.prepare import read_rows, split_text
+    from miniplm.data.prepare import read_rows, split_text
 
     rows = 0
     for _, text, reason in read_rows(url, prep):
@@ -536,7 +536,7 @@ def file_start(url: str):
     from fsspec.core import url_to_fs
     from fsspec.utils import infer_compression
 
-    from miniplm.prepare import COMPRESSIONS
+    from miniplm.data.prepare import COMPRESSIONS
 
     fs, path = url_to_fs(url)
     size = fs.size(path)
@@ -600,7 +600,7 @@ def corpus_tokens(plan: Plan, tokenizer: str | None) -> float:
 
 
 class PlannedTokenizer:
-    """Stands in for the tokenizer the run trains (vocab_size ids, miniplm.tokenizer's special
+    """Stands in for the tokenizer the run trains (vocab_size ids, miniplm.data.tokenizer's special
     tokens): enough to shape a model config."""
     pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
 
@@ -621,7 +621,7 @@ def meta_model(config):
 
 
 def describe_model(path: str) -> str:
-    from miniplm import demo_teacher
+    from miniplm.demo import teacher as demo_teacher
 
     found = hub.describe(path)
     if found:
@@ -637,10 +637,10 @@ def trained_tokens(tokens: int | None, steps: int | None, batch_tokens: int) -> 
 def model_costs(cfg, tokenizers: dict, plan: Plan) -> list[ModelCost]:
     """Teacher and reference scoring the pool (and training first, where trained here), then
     each student's training, at plan.tflops per GPU."""
-    from miniplm.flops import flops_per_token, matmul_params
+    from miniplm.training.flops import flops_per_token, matmul_params
     from miniplm.models import context_length
     from miniplm.models import ModelSpec, model_config
-    from miniplm.pipeline import resolve_builtin
+    from miniplm.pipeline.run import resolve_builtin
 
     seq_len, pool, batch = cfg.train.seq_len, pool_share(cfg), cfg.train.batch_tokens
     pipeline_tok = resolve_builtin(cfg.tokenizer)
@@ -712,7 +712,7 @@ def model_costs(cfg, tokenizers: dict, plan: Plan) -> list[ModelCost]:
 
 def plan_steps(cfg, plan: Plan) -> list[Step]:
     """The pipeline's steps (its own markers), each with its FLOPs, GPU-hours and disk."""
-    from miniplm.pipeline import step_markers
+    from miniplm.pipeline.run import step_markers
 
     steps = [Step(name, marker, "reused" if os.path.exists(marker) else "runs")
              for name, marker in step_markers(cfg).items()]
@@ -731,7 +731,7 @@ def step_disk(cfg, plan: Plan) -> dict[str, float]:
     (int32 per token, one per corpus and tokenizer, written by the first run that reads it), and
     a trained model's checkpoints (the latest keep_checkpoints, as Ray Train prunes them) and
     final weights."""
-    from miniplm.train import TrainConfig
+    from miniplm.training.train import TrainConfig
 
     disk = {}
     c = plan.corpus

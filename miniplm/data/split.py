@@ -15,7 +15,7 @@ from miniplm import io
 def split_part(src: str, name: str, fraction: float, seed: int, inside: str, outside: str) -> dict:
     """Ray task: one instances part split by a seeded hash of each text; each non-empty half is
     written under the part's name. Returns per half its part entry and fingerprint state."""
-    from miniplm.tokens import in_subset
+    from miniplm.data.tokens import in_subset
 
     table = io.read_part(src, name)
     # keyed on the text, not the id (file:row): a text sits on one side wherever it appears, so

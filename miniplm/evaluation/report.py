@@ -26,7 +26,7 @@ import numpy as np
 
 from miniplm import console, io
 from miniplm.config import describe, field
-from miniplm.loop import load_metrics
+from miniplm.training.loop import load_metrics
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -93,7 +93,7 @@ def forward_flops_per_token(model_path: str, context: int | None) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from miniplm.flops import flops_per_token
+    from miniplm.training.flops import flops_per_token
 
     config = AutoConfig.from_pretrained(io.local_copy(io.join(model_path, "config.json")))
     with torch.device("meta"):

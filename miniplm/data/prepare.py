@@ -30,6 +30,7 @@ from fsspec.core import url_to_fs
 from fsspec.utils import infer_compression
 
 from miniplm import __version__, console, io
+from miniplm.cluster import check_paths_visible
 from miniplm.config import describe, field, to_dict
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -542,6 +543,9 @@ def _prepare_files_into(cfg: PrepareConfig, urls: list[str], started: float) -> 
         print(f"prepare: resuming, {len(done)} of {len(urls)} files already done")
     if todo:
         init_ray()
+        # on several nodes: every one must see the local files its tasks read (a few are
+        # enough: a node that cannot see the corpus's folder sees none of them) and the output
+        check_paths_visible({f"inputs ({u})": u for u in urls[:16]}, {"--output": cfg.output})
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(_prepare_files, fn_kwargs={"cfg": cfg}, batch_size=1,
                             compute=ray.data.TaskPoolStrategy(), num_cpus=1)

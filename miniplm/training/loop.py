@@ -16,9 +16,9 @@ import fsspec
 
 from miniplm import io
 from miniplm.models import load_tokenizer
-from miniplm.sampler import CacheSampler
-from miniplm.tokens import read_sequences
-from miniplm.train_config import TrainConfig
+from miniplm.data.sampler import CacheSampler
+from miniplm.data.tokens import read_sequences
+from miniplm.training.config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -60,8 +60,8 @@ def train_loop(loop_config: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from miniplm import distill
-    from miniplm.flops import table_peak
+    from miniplm.training import distill
+    from miniplm.training.flops import table_peak
     from miniplm.config import build
     from miniplm.models import config_from_dict
 
@@ -103,7 +103,7 @@ def train_loop(loop_config: dict) -> None:
             for group in opt.param_groups:
                 group["lr"] = lr_at(state["step"], cfg)
         torch.set_rng_state(saved["rng"])
-    if rank == 0:  # the driver's progress bar follows this log (miniplm.progress)
+    if rank == 0:  # the driver's progress bar follows this log (miniplm.training.progress)
         metrics = MetricsLog(io.join(cfg.output, "metrics.jsonl"), resume_step=state["step"])
 
     eval_seqs = None

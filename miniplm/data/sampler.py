@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 from miniplm.prefetch import prefetched
-from miniplm.tokens import part_sequences
+from miniplm.data.tokens import part_sequences
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ Every document is packed as `[BOS] text EOS` (BOS only where the tokenizer has o
 model trained here sees each document start exactly as the score stage presents it
 (`logprob.prefix_token_id`: BOS, or EOS where there is none). A cache depends only on its
 content (instances, tokenizer, seq_len, subset), so every run that needs the same one shares
-it; the order training reads it in is the sampler's business (`miniplm.sampler`).
+it; the order training reads it in is the sampler's business (`miniplm.data.sampler`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from miniplm import console, io
 from miniplm.config import field
-from miniplm.encode import TextEncoder, text_encoder
+from miniplm.data.encode import TextEncoder, text_encoder
 from miniplm.models import load_tokenizer, tokenizer_fingerprint
 
 PACKING = 2  # the packing format's version: a change makes every older cache a miss

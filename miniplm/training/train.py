@@ -1,11 +1,11 @@
 """train: pre-train a causal LM on any instances-shaped corpus with Ray Train.
 
-One loop (`miniplm.loop`) serves teacher, reference and students. The model is an HF
+One loop (`miniplm.training.loop`) serves teacher, reference and students. The model is an HF
 `AutoModelForCausalLM.from_config` built from a preset or a config file, with the vocabulary
 of a local tokenizer (`miniplm.models`). Data: Ray Data tokenises every instances part with
 that tokenizer and packs the tokens into fixed `seq_len` sequences once, into a token cache
-(`miniplm.tokens`), shared by every run that needs the same one; each worker reads its share
-in a per-pass seeded order (`miniplm.sampler`). The budget is tokens or steps, never epochs; a corpus smaller than the budget repeats. Checkpoints go through Ray
+(`miniplm.data.tokens`), shared by every run that needs the same one; each worker reads its share
+in a per-pass seeded order (`miniplm.data.sampler`). The budget is tokens or steps, never epochs; a corpus smaller than the budget repeats. Checkpoints go through Ray
 Train into `OUTPUT/ray/`; re-running the same command resumes from the latest. The final
 model is a standard HF checkpoint in `OUTPUT/final`.
 """
@@ -18,8 +18,8 @@ from fsspec.core import url_to_fs
 
 from miniplm import __version__, console, io
 from miniplm.models import ModelSpec, load_tokenizer_checked, model_config
-from miniplm.tokens import DataSpec, build_token_cache
-from miniplm.train_config import EvalSpec, KDSpec, OptimSpec, TrainConfig
+from miniplm.data.tokens import DataSpec, build_token_cache
+from miniplm.training.config import EvalSpec, KDSpec, OptimSpec, TrainConfig
 
 __all__ = ["DataSpec", "EvalSpec", "KDSpec", "ModelSpec", "OptimSpec", "TrainConfig", "run_train"]
 
@@ -118,7 +118,7 @@ def run_train(cfg: TrainConfig) -> dict:
     tokenizer = load_tokenizer_checked(cfg.model.tokenizer)
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len)  # fails before Ray starts
     if cfg.kd:
-        from miniplm.distill import check_teacher
+        from miniplm.training.distill import check_teacher
 
         check_teacher(cfg.kd.teacher, tokenizer, cfg.data.seq_len)
     settings = run_settings(cfg, hf_config, tokenizer, io.read_instances_manifest(cfg.data.path)["fingerprint"])
@@ -136,8 +136,8 @@ def _train_into(cfg: TrainConfig, settings: dict, hf_config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from miniplm.config import to_dict
-    from miniplm.loop import train_loop
-    from miniplm.progress import follow_metrics
+    from miniplm.training.loop import train_loop
+    from miniplm.training.progress import follow_metrics
     from miniplm.runtime import init_ray
 
     previous = previous_settings(cfg.output)

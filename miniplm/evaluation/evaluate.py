@@ -39,7 +39,7 @@ class EvalConfig:
 
 def run_eval(cfg: EvalConfig) -> dict:
     from miniplm.io import read_instances_manifest
-    from miniplm.score import ScoreConfig, run_score
+    from miniplm.scoring.score import ScoreConfig, run_score
 
     console.detail(describe(cfg))
     instances = read_instances_manifest(cfg.data)

@@ -2,7 +2,7 @@
 
 Ray Data reads the instance parts, CPU tasks tokenise with the model's tokenizer, and an
 actor pool (one model copy per actor, one GPU each on GPU) computes every instance's summed
-log-probability (`miniplm.logprob`). The driver collects the small score rows and writes one
+log-probability (`miniplm.scoring.logprob`). The driver collects the small score rows and writes one
 output part per input part as soon as all of that part's rows are in, so a killed run
 re-scores only unfinished parts. Provenance (model / tokenizer / instances fingerprints,
 max length, dtype, version) goes into every part's Parquet metadata and `_manifest.json`.
@@ -27,9 +27,9 @@ from fsspec.core import url_to_fs
 from miniplm import __version__, console, hub, io
 from miniplm.cluster import check_paths_visible
 from miniplm.config import describe, field, to_dict
-from miniplm.encode import text_encoder, tokenize_part
+from miniplm.data.encode import text_encoder, tokenize_part
 from miniplm.io import read_instances_manifest
-from miniplm.logprob import PACKING
+from miniplm.scoring.logprob import PACKING
 from miniplm.models import (DTYPES, check_model_dir, check_vocab, load_model, load_tokenizer, model_fingerprint,
                             resolve_dtype, tokenizer_fingerprint)
 
@@ -150,7 +150,7 @@ class ScoreActor:
         def load_scorer():
             import torch
 
-            from miniplm.logprob import SequenceScorer
+            from miniplm.scoring.logprob import SequenceScorer
             from miniplm.models import prefix_token_id
 
             if device == "cpu":

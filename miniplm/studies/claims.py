@@ -3,7 +3,7 @@
 On a finished demo (or pipeline) run, whose corpus, score tables and selections are reused, every
 arm below is a student trained for each seed (model initialisation and data order); students
 already trained are reused. Each is evaluated in bits per byte on the sets of
-`miniplm.evalsets`: the run's held-out split, one D_ref slice per source, and outside prose.
+`miniplm.evaluation.evalsets`: the run's held-out split, one D_ref slice per source, and outside prose.
 
   C1  MiniPLM < vanilla (the whole pool, plain LM loss), equal training tokens
   C2  MiniPLM < selection by teacher log-prob alone (same alpha), equal tokens
@@ -33,7 +33,7 @@ import os
 import statistics
 
 from miniplm import io
-from miniplm.evalsets import EVAL_BYTES, pool_folder
+from miniplm.evaluation.evalsets import EVAL_BYTES, pool_folder
 
 SIZES = {  # C6: llama students of three widths (tiny is the demo's student)
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4),
@@ -125,7 +125,7 @@ def arm_seeds(cfg: StudyConfig) -> dict[str, list[int]]:
 def corpora(pcfg, root: str, names: set[str]) -> dict[str, str]:
     """The instances folder of each corpus: the run's own, or a selection made here (which the
     select stage reuses while its tables and settings are unchanged)."""
-    from miniplm.select import SelectConfig, run_select
+    from miniplm.selection.select import SelectConfig, run_select
 
     run, s = pcfg.output, pcfg.selection
     paths = {"pool": pool_folder(run), "refined": os.path.join(run, "refined")}
@@ -142,7 +142,7 @@ def corpora(pcfg, root: str, names: set[str]) -> dict[str, str]:
 
 
 def cross_tokenizer(pcfg, root: str) -> str:
-    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
+    from miniplm.data.tokenizer import TokenizerConfig, run_train_tokenizer
 
     out = os.path.join(root, "cross-tokenizer")
     return run_train_tokenizer(TokenizerConfig(instances=pool_folder(pcfg.output), output=out,
@@ -171,9 +171,9 @@ def flops_per_token(config_path: str, tokenizer: str, seq_len: int, teacher: str
     models built on the meta device from their configs (no weights allocated or read)."""
     from transformers import AutoConfig
 
-    from miniplm.flops import flops_per_token as count
+    from miniplm.training.flops import flops_per_token as count
     from miniplm.models import ModelSpec, load_tokenizer, model_config
-    from miniplm.plan import meta_model
+    from miniplm.pipeline.plan import meta_model
 
     student = meta_model(model_config(ModelSpec(preset=None, config=config_path, tokenizer=tokenizer),
                                       load_tokenizer(tokenizer), seq_len))
@@ -186,7 +186,7 @@ def flops_per_token(config_path: str, tokenizer: str, seq_len: int, teacher: str
 
 def run_study(cfg: StudyConfig) -> dict:
     """Train (or reuse) every arm for every seed, evaluate, and summarise; holds the run folder."""
-    from miniplm.pipeline import saved_pipeline
+    from miniplm.pipeline.run import saved_pipeline
 
     pcfg = saved_pipeline(cfg.run)
     cfg = dataclasses.replace(cfg, alpha=pcfg.selection.alpha)
@@ -198,10 +198,10 @@ def run_study(cfg: StudyConfig) -> dict:
 
 
 def _study(cfg: StudyConfig, pcfg) -> dict:
-    from miniplm.evalsets import build_eval_sets
-    from miniplm.pipeline import _train_config, resolve_builtin
+    from miniplm.evaluation.evalsets import build_eval_sets
+    from miniplm.pipeline.run import _train_config, resolve_builtin
     from miniplm.runtime import init_ray
-    from miniplm.train import KDSpec, run_train
+    from miniplm.training.train import KDSpec, run_train
 
     root = os.path.join(cfg.run, "claims")
     init_ray()
@@ -244,8 +244,8 @@ def _study(cfg: StudyConfig, pcfg) -> dict:
 def evaluate_student(run_dir: str, sets) -> dict:
     """Bits per byte on every set (cached beside the run), the training FLOPs, steps and the
     held-out curve."""
-    from miniplm.evalsets import evaluate_on_sets
-    from miniplm.loop import load_metrics
+    from miniplm.evaluation.evalsets import evaluate_on_sets
+    from miniplm.training.loop import load_metrics
 
     bits = evaluate_on_sets(os.path.join(run_dir, "final"), sets, os.path.join(run_dir, "claims_eval.json"))
     rows = load_metrics(os.path.join(run_dir, "metrics.jsonl"))
@@ -277,7 +277,7 @@ def verdict(base: list[float], treat: list[float]) -> dict:
 
 
 def summarise(cfg: StudyConfig, arms, seeds, results, sets) -> dict:
-    from miniplm.report import compute_saving_factor
+    from miniplm.evaluation.report import compute_saving_factor
 
     names = [s.name for s in sets]
     arm_rows = {}
@@ -317,7 +317,7 @@ def as_curve(name: str, points: list[tuple[float, float]]):
     """A run's periodic held-out evaluations as report's Curve (FLOPs, loss per token)."""
     import numpy as np
 
-    from miniplm.report import Curve
+    from miniplm.evaluation.report import Curve
 
     flops, loss = zip(*points)
     return Curve(name, np.array(flops, dtype=float), np.array(loss, dtype=float))

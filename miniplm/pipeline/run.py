@@ -14,12 +14,13 @@ import os
 import time
 
 
-from miniplm import console, demo_teacher, io
+from miniplm import console, io
+from miniplm.demo import teacher as demo_teacher
 from miniplm.config import describe, field, to_dict
-from miniplm.demo_teacher import BUILTIN
+from miniplm.demo.teacher import BUILTIN
 from miniplm.models import PRESETS, is_tokenizer_dir
-from miniplm.split import split_instances
-from miniplm.train import KDSpec
+from miniplm.data.split import split_instances
+from miniplm.training.train import KDSpec
 
 CORPUS_KINDS = ("refined", "random", "full")
 
@@ -144,7 +145,7 @@ class PipelineConfig:
             teacher = resolve_builtin(self.teacher.checkpoint) if s.kd.teacher == "teacher" else s.kd.teacher
             tokenizer = s.tokenizer or resolve_builtin(self.tokenizer)
             if teacher and tokenizer:  # both exist already: a mismatch fails now, not hours in
-                from miniplm.distill import check_teacher
+                from miniplm.training.distill import check_teacher
                 from miniplm.models import load_tokenizer_checked
 
                 try:
@@ -266,11 +267,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
 def _run_into(cfg: PipelineConfig) -> dict:
     """Every step of the pipeline in the (held) run folder."""
-    from miniplm.evaluate import EvalConfig
-    from miniplm.report import ReportConfig, run_report
+    from miniplm.evaluation.evaluate import EvalConfig
+    from miniplm.evaluation.report import ReportConfig, run_report
     from miniplm.runtime import init_ray
-    from miniplm.score import ScoreConfig, run_score
-    from miniplm.select import SelectConfig, run_select
+    from miniplm.scoring.score import ScoreConfig, run_score
+    from miniplm.selection.select import SelectConfig, run_select
 
     out = cfg.output
     io.write_json(os.path.join(out, "pipeline.json"), to_dict(cfg))
@@ -330,9 +331,9 @@ def _run_into(cfg: PipelineConfig) -> dict:
 def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
     """The corpus steps: sample corpus, instances, held-out set, D_ref split, tokenizer.
     Returns the paths the model steps use."""
-    from miniplm.prepare import PrepareConfig, run_prepare
-    from miniplm.sample_corpus import write_sample_corpus
-    from miniplm.tokenizer import TokenizerConfig, run_train_tokenizer
+    from miniplm.data.prepare import PrepareConfig, run_prepare
+    from miniplm.demo.sample_corpus import write_sample_corpus
+    from miniplm.data.tokenizer import TokenizerConfig, run_train_tokenizer
 
     p = lambda *names: os.path.join(cfg.output, *names)  # noqa: E731
     marker = step_markers(cfg)
@@ -392,10 +393,10 @@ def resolve_builtin(path: str | None) -> str | None:
 
 
 def eval_per_source(cfg: PipelineConfig) -> dict:
-    """Each student's bits per byte on every set of `miniplm.evalsets` (held-out split, a D_ref
+    """Each student's bits per byte on every set of `miniplm.evaluation.evalsets` (held-out split, a D_ref
     slice per source, outside prose), as the claims benchmark measures them; the summary file is
     rewritten only when a figure changed."""
-    from miniplm.evalsets import EVAL_BYTES, build_eval_sets, evaluate_on_sets
+    from miniplm.evaluation.evalsets import EVAL_BYTES, build_eval_sets, evaluate_on_sets
 
     sets = build_eval_sets(cfg.output, EVAL_BYTES)
     runs = {st.name: evaluate_on_sets(os.path.join(cfg.output, "students", st.name, "final"), sets,
@@ -428,14 +429,14 @@ def kept_per_source(report: dict) -> str:
 
 
 def _train(train_cfg):
-    from miniplm.train import run_train
+    from miniplm.training.train import run_train
 
     return run_train(train_cfg)
 
 
 def _eval_once(eval_cfg):
     """Evaluate unless this checkpoint's eval.json is already there."""
-    from miniplm.evaluate import run_eval
+    from miniplm.evaluation.evaluate import run_eval
     from miniplm.models import model_fingerprint
 
     if os.path.exists(eval_cfg.output):
@@ -448,7 +449,7 @@ def _eval_once(eval_cfg):
 
 def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, preset, config,
                   tokens: int | None, seed: int, eval_data: str, steps: int | None = None, kd=None):
-    from miniplm.train import DataSpec, EvalSpec, ModelSpec, OptimSpec, TrainConfig
+    from miniplm.training.train import DataSpec, EvalSpec, ModelSpec, OptimSpec, TrainConfig
 
     t = cfg.train
     return TrainConfig(
@@ -465,7 +466,7 @@ def _train_config(cfg: PipelineConfig, output: str, data: str, tokenizer: str, p
 # ---------------------------------------------------------------- configs
 
 
-DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.yaml")
 # the smoke version of the demo (a few minutes on 2 CPUs): a smaller corpus and budgets
 QUICK = ["corpus.sample_bytes=200000", "reference.tokens=20000",
          "students[0].tokens=40000", "students[1].tokens=40000", "train.eval_every=5"]

@@ -149,7 +149,7 @@ def bits_per_byte(model_dir: str, texts: dict[str, list[str]], batch_tokens: int
     scored in this process with the score stage's exact windowed log-likelihoods."""
     from transformers.utils import logging as hf_logging
 
-    from miniplm.logprob import SequenceScorer
+    from miniplm.scoring.logprob import SequenceScorer
     from miniplm.models import context_length, prefix_token_id
     from miniplm.models import load_model, load_tokenizer
 

@@ -42,10 +42,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from miniplm import __version__, console, io
+from miniplm.cluster import check_paths_visible
 from miniplm.config import describe, field, to_dict
-from miniplm.prepare import INSTANCE_SCHEMA
+from miniplm.data.prepare import INSTANCE_SCHEMA
 from miniplm.runtime import map_parts
-from miniplm.select_report import (SAMPLES, build_report, pick_samples, report_summary, samples_markdown,
+from miniplm.selection.report import (SAMPLES, build_report, pick_samples, report_summary, samples_markdown,
                                    write_report_files)
 
 METHODS = ("difference", "teacher", "random", "sample")
@@ -549,6 +550,9 @@ def _select_into(cfg: SelectConfig, inst_manifest: dict, t_manifest: dict, r_man
 
     fp = inst_manifest["fingerprint"]
     init_ray()
+    # on several nodes: every one must see the local tables its tasks read and the output
+    check_paths_visible({"--instances": cfg.instances, "--teacher": cfg.teacher, "--reference": cfg.reference},
+                        {} if cfg.dry_run else {"--output": cfg.output})
     ranking = rank_parts(cfg, inst_manifest["parts"])
     keep = choose(ranking, cfg)
     threshold = float(np.min(ranking.score, where=keep, initial=math.inf))
