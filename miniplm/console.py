@@ -8,7 +8,9 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+import threading
+import time
+from typing import Callable, Iterator
 
 VERBOSE_ENV = "MINIPLM_VERBOSE"  # an env var, so a job's driver and subprocesses see it too
 
@@ -16,11 +18,32 @@ VERBOSE_ENV = "MINIPLM_VERBOSE"  # an env var, so a job's driver and subprocesse
 _NOISY_RAY_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 
 
-def progress(total: int, desc: str, unit: str, initial: int = 0):
-    """A stage's progress bar. It makes way for the stage's summary line when it closes."""
+STALL_ENV = "MINIPLM_STALL_S"  # seconds without progress before a bar says what it waits for
+
+
+def progress(total: int, desc: str, unit: str, initial: int = 0,
+             waiting_for: Callable[[], str] | None = None):
+    """A stage's progress bar. It makes way for the stage's summary line when it closes. With
+    `waiting_for`, a bar that has not moved for a few minutes says, once, what the stage waits
+    for (a slow start and a cluster too small for the work look alike otherwise)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False)
+    bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=False)
+    if waiting_for is not None:
+        stall_s = float(os.environ.get(STALL_ENV, 180))
+        threading.Thread(target=_watch, args=(bar, stall_s, waiting_for), name="stall-watch", daemon=True).start()
+    return bar
+
+
+def _watch(bar, stall_s: float, waiting_for: Callable[[], str]) -> None:
+    seen, since = bar.n, time.monotonic()
+    while not bar.disable:  # tqdm disables a bar when it closes
+        time.sleep(min(stall_s / 4, 10.0))
+        if bar.n != seen:
+            seen, since = bar.n, time.monotonic()
+        elif time.monotonic() - since >= stall_s:
+            bar.write(f"{bar.desc}: no progress for {time.monotonic() - since:.0f}s; {waiting_for()}")
+            return
 
 
 def set_verbose(on: bool) -> None:

@@ -76,6 +76,32 @@ def unwrap(err: BaseException) -> BaseException:
             return err
 
 
+def waiting_for() -> str:
+    """What Ray cannot place now, in one line: the tasks and actors waiting for a node with the
+    resources they ask for, against what the cluster has free."""
+    import collections
+
+    from ray.util.state import list_actors, list_tasks
+
+    try:
+        waiting = [t.required_resources for t in list_tasks(
+            filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, limit=1000,
+            raise_on_missing_output=False)]
+        waiting += [a.required_resources for a in list_actors(
+            filters=[("state", "=", "PENDING_CREATION")], detail=True, limit=1000, raise_on_missing_output=False)]
+    except Exception as err:  # noqa: BLE001 (no dashboard to ask: say so rather than fail the stage)
+        return f"Ray's state API did not answer ({type(err).__name__}); see `ray status`"
+    available = ray.available_resources()
+    free = ", ".join([f"{available.get(k, 0):g} {k}" for k in ("CPU", "GPU")]
+                     + [f"{available.get('memory', 0) / 2**30:.1f} GiB memory"])
+    if not waiting:
+        return f"Ray has no task waiting for resources ({free} free): the work itself is slow; see `ray status`"
+    asks = collections.Counter(str({k: v for k, v in sorted((r or {}).items())}) for r in waiting)
+    said = ", ".join(f"{n} x {ask}" for ask, n in asks.most_common(3))
+    return (f"Ray is waiting to place {len(waiting)} task(s)/actor(s) ({said}) with {free} free: add nodes, "
+            "or ask for less (--workers, --cpus-per-worker)")
+
+
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
 
@@ -87,7 +113,7 @@ def map_parts(fn: Callable, calls: list[tuple], desc: str, num_cpus: float = 1) 
     todo = iter(enumerate(calls))
     in_flight: dict = {}
     window = max(2, int(2 * cluster_cpus()))
-    bar = console.progress(len(calls), desc=desc, unit="part")
+    bar = console.progress(len(calls), desc=desc, unit="part", waiting_for=waiting_for)
     try:
         for i, args in todo:
             in_flight[remote.remote(*args)] = i

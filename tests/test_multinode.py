@@ -21,8 +21,10 @@ import json
 import os
 import pathlib
 import queue
+import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -585,3 +587,65 @@ def test_a_cluster_stopped_uncleanly_is_reported_in_seconds(cluster, data, tmp_p
     assert f"the Ray cluster at {cluster.address} (found in the address file" in result.stderr, result.stderr[-3000:]
     assert "ray stop" in result.stderr and "--address local" in result.stderr
     assert not list((tmp_path / "inst").glob("part-*.parquet"))
+
+
+STALLED = """
+import sys
+from miniplm.runtime import init_ray, map_parts
+
+
+def nothing(x):
+    return x
+
+
+init_ray("local")
+for _ in map_parts(nothing, [(1,)], "probe", num_cpus=64):  # no node has 64 CPUs
+    pass
+"""
+
+
+def test_a_stage_that_cannot_start_says_what_it_waits_for(tmp_path):
+    """A stage whose tasks no node can place (64 CPUs asked of a 2-CPU machine) does not wait in
+    silence: once its bar has not moved for MINIPLM_STALL_S, one line says what Ray is waiting
+    to place and what is free. Its own local Ray, with the dashboard a user's has."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(MINIPLM_STALL_S="5", RAY_TMPDIR=tempfile.mkdtemp(prefix="st", dir="/tmp"))
+    proc = subprocess.Popen([sys.executable, "-c", STALLED], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    said, deadline = None, time.monotonic() + 120
+    try:
+        while said is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if "no progress for" in line:
+                said = line.split("\r")[-1]
+    finally:
+        stop_ray_started_by(proc, env["RAY_TMPDIR"])
+    assert said is not None, "no line about the stalled stage within 120 s"
+    assert said.startswith("probe: no progress for") and "waiting to place 1 task(s)/actor(s)" in said, said
+    assert "1 x {'CPU': 64.0}" in said and re.search(r"with \d+ CPU, 0 GPU, [\d.]+ GiB memory free", said), said
+
+
+def stop_ray_started_by(proc: subprocess.Popen, ray_tmpdir: str) -> None:
+    """The driver interrupted (its Ray shuts down), then whatever is left of that Ray (its
+    processes name its temp dir) killed by PID; the temp dir removed."""
+    import psutil
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(ray_tmpdir in arg for arg in p.info["cmdline"] or ()):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)

@@ -533,7 +533,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
 def _prepare_files_into(cfg: PrepareConfig, urls: list[str], started: float) -> dict:
     import ray
 
-    from miniplm.runtime import init_ray
+    from miniplm.runtime import init_ray, waiting_for
 
     io.clear_tmp(cfg.output)
     done = _finished_files(cfg.output)
@@ -549,7 +549,7 @@ def _prepare_files_into(cfg: PrepareConfig, urls: list[str], started: float) -> 
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(_prepare_files, fn_kwargs={"cfg": cfg}, batch_size=1,
                             compute=ray.data.TaskPoolStrategy(), num_cpus=1)
-        bar = console.progress(len(todo), desc="prepare", unit="file")
+        bar = console.progress(len(todo), desc="prepare", unit="file", waiting_for=waiting_for)
         for row in ds.iter_rows():
             stats = json.loads(row["stats"])
             done[stats["file_index"]] = stats

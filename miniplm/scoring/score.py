@@ -336,10 +336,12 @@ def _scoring_pipeline(cfg: ScoreConfig, parts: list[str], *, device: str, dtype:
 def _collect_parts(ds, output: str, expected: dict[str, int], provenance: dict,
                    on_part_written: Callable[[str], None] | None) -> None:
     """Buffer score rows per input part; write a part the moment its last row arrives."""
+    from miniplm.runtime import waiting_for
+
     buffers: dict[str, list[pa.Table]] = collections.defaultdict(list)
     nodes: dict[str, set] = collections.defaultdict(set)  # the nodes whose actors scored a part
     counts: collections.Counter = collections.Counter()
-    bar = console.progress(sum(expected.values()), desc="score", unit="inst")
+    bar = console.progress(sum(expected.values()), desc="score", unit="inst", waiting_for=waiting_for)
     tokens, started = 0, time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         names = np.array(batch.column("part").to_pylist())

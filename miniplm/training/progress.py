@@ -17,7 +17,9 @@ from miniplm import console, io
 def follow_metrics(url: str, total_steps: int) -> Iterator[None]:
     """A `train` bar that follows OUTPUT/metrics.jsonl while the block runs. A local log is read
     every second; an object store's, rewritten at each checkpoint, every ten."""
-    bar = console.progress(total_steps, desc="train", unit="step")
+    from miniplm.runtime import waiting_for
+
+    bar = console.progress(total_steps, desc="train", unit="step", waiting_for=waiting_for)
     stop = threading.Event()
     poll_s = 1.0 if io.is_local(url) else 10.0
     said: set[str] = set()
