@@ -77,28 +77,25 @@ def unwrap(err: BaseException) -> BaseException:
 
 
 def waiting_for() -> str:
-    """What Ray cannot place now, in one line: the tasks and actors waiting for a node with the
-    resources they ask for, against what the cluster has free."""
-    import collections
-
-    from ray.util.state import list_actors, list_tasks
+    """What Ray cannot place now, in one line: the resource requests of the tasks and actors
+    waiting for a node that has them, against what the cluster has free. Asked of the GCS, as
+    `ray status` does (no dashboard needed)."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
 
     try:
-        waiting = [t.required_resources for t in list_tasks(
-            filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, limit=1000,
-            raise_on_missing_output=False)]
-        waiting += [a.required_resources for a in list_actors(
-            filters=[("state", "=", "PENDING_CREATION")], detail=True, limit=1000, raise_on_missing_output=False)]
-    except Exception as err:  # noqa: BLE001 (no dashboard to ask: say so rather than fail the stage)
-        return f"Ray's state API did not answer ({type(err).__name__}); see `ray status`"
+        demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
+    except Exception as err:  # noqa: BLE001 (an older or unreachable GCS: say so rather than fail the stage)
+        return f"Ray's cluster status did not answer ({type(err).__name__}); see `ray status`"
+    asks = [(r.bundle, r.count) for d in demands.ray_task_actor_demand for r in d.bundles_by_count]
+    asks += [(r.bundle, r.count) for d in demands.placement_group_demand for r in d.bundles_by_count]
     available = ray.available_resources()
     free = ", ".join([f"{available.get(k, 0):g} {k}" for k in ("CPU", "GPU")]
                      + [f"{available.get('memory', 0) / 2**30:.1f} GiB memory"])
-    if not waiting:
+    if not asks:
         return f"Ray has no task waiting for resources ({free} free): the work itself is slow; see `ray status`"
-    asks = collections.Counter(str({k: v for k, v in sorted((r or {}).items())}) for r in waiting)
-    said = ", ".join(f"{n} x {ask}" for ask, n in asks.most_common(3))
-    return (f"Ray is waiting to place {len(waiting)} task(s)/actor(s) ({said}) with {free} free: add nodes, "
+    waiting = sum(n for _, n in asks)
+    said = ", ".join(f"{n} x {dict(sorted(bundle.items()))}" for bundle, n in asks[:3])
+    return (f"Ray is waiting to place {waiting} task(s)/actor(s) ({said}) with {free} free: add nodes, "
             "or ask for less (--workers, --cpus-per-worker)")
 
 

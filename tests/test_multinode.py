@@ -510,7 +510,7 @@ def test_a_local_path_one_node_cannot_see_is_refused_before_work(cluster, data, 
     """A worker node joins whose processes run in a mount namespace of their own, where the
     folder holding the instances and the model is an empty tmpfs: on a real cluster, a node
     without the driver's disk or mount. `score` is refused before any part is scored, naming
-    the path, the node and what works instead."""
+    the path, the node and what works instead; `train` before its token cache or workers."""
     from conftest import kill_tree
 
     unshare = unshare_command()
@@ -537,6 +537,9 @@ def test_a_local_path_one_node_cannot_see_is_refused_before_work(cluster, data, 
         started = time.monotonic()
         result = miniplm(cluster.env, *score_args(data, out), *SCORE, "--address", cluster.address, timeout=180)
         took = time.monotonic() - started
+        # train too, before its token cache or any worker: its corpus is as hidden from that node
+        run = tmp_path / "train"
+        trained = miniplm(cluster.env, *train_args(data, run), "--address", cluster.address, timeout=180)
     finally:
         kill_tree(node.pid)
         node.wait(timeout=60)
@@ -546,6 +549,9 @@ def test_a_local_path_one_node_cannot_see_is_refused_before_work(cluster, data, 
     assert f"--instances: {data['instances']} is a local path and node {blind}" in message, message[-3000:]
     assert "cannot see it" in message and "URL" in message and "mounted" in message
     assert not list(out.glob("part-*.parquet")) and took < 120
+    assert trained.returncode == 2, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert f"data.path: {data['instances']} is a local path and node {blind}" in trained.stderr, trained.stderr[-3000:]
+    assert not (run / "tokens").exists() and not (run / "ray").exists()
 
 
 # ---------------------------------------------------------------- 6. never hang silently
@@ -607,7 +613,7 @@ for _ in map_parts(nothing, [(1,)], "probe", num_cpus=64):  # no node has 64 CPU
 def test_a_stage_that_cannot_start_says_what_it_waits_for(tmp_path):
     """A stage whose tasks no node can place (64 CPUs asked of a 2-CPU machine) does not wait in
     silence: once its bar has not moved for MINIPLM_STALL_S, one line says what Ray is waiting
-    to place and what is free. Its own local Ray, with the dashboard a user's has."""
+    to place and what is free. Its own local Ray, as a user's command starts one."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MINIPLM_STALL_S="5", RAY_TMPDIR=tempfile.mkdtemp(prefix="st", dir="/tmp"))
     proc = subprocess.Popen([sys.executable, "-c", STALLED], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
