@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 
-from miniplm.studies.claims import ALL_CLAIMS, StudyConfig, run_study, tables
 from miniplm.config import absolute_path
+from miniplm.studies.claims import ALL_CLAIMS, StudyConfig, run_study, tables
 
 
 def main() -> None:

@@ -288,8 +288,7 @@ def device_peak(device: str) -> tuple[float, str]:
     table, else training's measured matmul rate, labelled as measured."""
     import torch
 
-    from miniplm.training.flops import table_peak
-    from miniplm.training.loop import measure_peak_flops
+    from miniplm.training.flops import measure_peak_flops, table_peak
 
     name = torch.cuda.get_device_name()
     known = table_peak(torch.device(device))

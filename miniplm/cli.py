@@ -14,11 +14,11 @@ from miniplm.config import absolute_paths, add_arguments, from_namespace
 
 def _stages() -> dict[str, tuple[type, Callable, str]]:
     from miniplm.data.prepare import PrepareConfig, run_prepare
-    from miniplm.scoring.score import ScoreConfig, run_score
-    from miniplm.selection.select import SelectConfig, run_select
+    from miniplm.data.tokenizer import TokenizerConfig, run_train_tokenizer
     from miniplm.evaluation.evaluate import EvalConfig, run_eval
     from miniplm.evaluation.report import ReportConfig, run_report
-    from miniplm.data.tokenizer import TokenizerConfig, run_train_tokenizer
+    from miniplm.scoring.score import ScoreConfig, run_score
+    from miniplm.selection.select import SelectConfig, run_select
 
     return {
         "prepare": (PrepareConfig, run_prepare, "raw corpus -> instances dataset"),

@@ -146,9 +146,9 @@ def write_parquet(url: str, table: pa.Table, metadata: dict | None = None, node:
     write_bytes(url, sink.getvalue().to_pybytes())
 
 
-def read_part(root: str, name: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet part of a stage's output (or some of its columns)."""
-    with fsspec.open(join(root, name), "rb") as f:
+def read_part(url: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet part file of a stage's output (or some of its columns), local or remote."""
+    with fsspec.open(url, "rb") as f:
         return pq.read_table(f, columns=columns)
 
 
@@ -433,7 +433,7 @@ def hash_files_cached(urls: list[str]) -> str:
     """`hash_files`, remembered on this machine by the files' identity (path, size and mtime,
     or the store's version tag): a no-op re-run does not read a multi-GB checkpoint again, and
     a file rewritten in place is read again."""
-    identity = [(url, *_file_identity(url)) for url in urls]
+    identity = [(url, *file_identity(url)) for url in urls]
     memo = os.path.join(cache_dir(), "fingerprints", hash_json(identity))
     if os.path.exists(memo):
         with open(memo) as f:
@@ -447,7 +447,8 @@ def hash_files_cached(urls: list[str]) -> str:
     return digest
 
 
-def _file_identity(url: str) -> tuple:
+def file_identity(url: str) -> tuple:
+    """(size, version) of a file, and its inode on disk: what a rewrite changes, unread."""
     if is_local(url):
         st = os.stat(local_path(url))
         return st.st_size, st.st_mtime_ns, st.st_ino
@@ -459,7 +460,7 @@ def _file_identity(url: str) -> tuple:
 def file_version(url: str) -> list:
     """A file's size and version (mtime on disk, the store's ETag elsewhere): what changes
     when the file is rewritten, without reading it."""
-    return list(_file_identity(url)[:2])
+    return list(file_identity(url)[:2])
 
 
 def seeded_hashes(keys: Iterable[str], seed: int) -> np.ndarray:

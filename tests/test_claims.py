@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from miniplm import io
-from miniplm.studies.claims import C7_DATA, data_needed, verdict
 from miniplm.evaluation.evalsets import Decontaminator, bits_per_byte, capped, outside_prose
+from miniplm.studies.claims import C7_DATA, data_needed, verdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,8 +132,8 @@ def test_the_cross_family_student_is_a_qwen2_with_its_tokenizers_vocabulary(tmp_
     to the tokenizer it is given, and accepted by the train stage's own model check."""
     from transformers import AutoTokenizer
 
-    from miniplm.studies.claims import ARMS, SIZES, model_file
     from miniplm.models import ModelSpec, load_tokenizer, model_config
+    from miniplm.studies.claims import ARMS, SIZES, model_file
 
     path = model_file(str(tmp_path), ARMS["miniplm-cross"], str(tokenizer_dir), seq_len=64)
     config = io.read_json(path)

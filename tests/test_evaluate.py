@@ -11,8 +11,8 @@ from conftest import SCORE_SETTINGS, write_jsonl
 from test_score import reference_logprob
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from miniplm.evaluation.evaluate import EvalConfig, run_eval
 from miniplm.data.prepare import PrepareConfig, run_prepare
+from miniplm.evaluation.evaluate import EvalConfig, run_eval
 
 
 @pytest.fixture(scope="module")

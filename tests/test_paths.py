@@ -98,8 +98,8 @@ def test_corpus_urls_and_globs_are_never_rewritten(tmp_path, monkeypatch):
     lists or opens them: resolution needs no network."""
     import yaml
 
-    from miniplm.pipeline.run import DEMO_CONFIG
     from miniplm.pipeline.plan import Plan, load_config
+    from miniplm.pipeline.run import DEMO_CONFIG
 
     monkeypatch.chdir(tmp_path)
     cfg, _ = resolve(build_parser().parse_args(["prepare", *REMOTE_CORPUS, "local/*.jsonl",

@@ -17,8 +17,8 @@ import pytest
 from conftest import write_jsonl
 
 from miniplm import io
-from miniplm.data import prepare
 from miniplm.cli import user_message
+from miniplm.data import prepare
 from miniplm.data.prepare import INSTANCE_SCHEMA, BadRecord, PrepareConfig, run_prepare, split_text
 
 

@@ -359,8 +359,8 @@ def test_a_tokenizer_is_reused_only_for_the_same_settings(instances, tmp_path, c
 
 
 def test_a_sample_corpus_of_another_size_is_not_reused(tmp_path):
-    from miniplm.pipeline.run import DEMO_CONFIG, Steps, load_pipeline, prepare_data
     from miniplm.demo.sample_corpus import write_sample_corpus
+    from miniplm.pipeline.run import DEMO_CONFIG, Steps, load_pipeline, prepare_data
 
     run = tmp_path / "run"
     write_sample_corpus(str(run / "sample"), max_bytes=100_000)

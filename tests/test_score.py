@@ -15,8 +15,8 @@ from conftest import SCORE_SETTINGS, ray_worker_pids, save_tiny_model, score, wr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from miniplm import io
-from miniplm.scoring.logprob import pack_by_tokens, windows
 from miniplm.data.prepare import PrepareConfig, run_prepare
+from miniplm.scoring.logprob import pack_by_tokens, windows
 from miniplm.scoring.score import PartKillsWorker, ScoreConfig, run_score
 
 
@@ -433,8 +433,8 @@ def test_cuda_model_loads_in_bf16_straight_onto_the_gpu(llama_dir):
 @cuda
 @pytest.mark.parametrize("packing", ["padded", "packed"])
 def test_cuda_scores_equal_cpu_scores_and_repeat_bit_for_bit(llama_dir, documents, packing):
-    from miniplm.scoring.logprob import SequenceScorer
     from miniplm.models import load_model
+    from miniplm.scoring.logprob import SequenceScorer
 
     model, tok, _, seqs = load_scorer_inputs(llama_dir, documents, n=12)
 

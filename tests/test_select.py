@@ -17,8 +17,8 @@ import pytest
 from conftest import save_tiny_model, score, write_jsonl
 
 from miniplm import io
-from miniplm.data.split import split_instances
 from miniplm.data.prepare import PrepareConfig, run_prepare
+from miniplm.data.split import split_instances
 from miniplm.selection.select import SelectConfig, keep_count, run_select
 
 

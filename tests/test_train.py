@@ -502,9 +502,9 @@ def test_training_sees_each_document_start_as_scoring_does(corpus, tokenizer_dir
     stage puts before a text (BOS, or EOS for a tokenizer without one)."""
     import pyarrow.parquet as pq
 
+    from miniplm.data.tokens import DataSpec, build_token_cache, read_sequences
     from miniplm.models import prefix_token_id
     from miniplm.models import load_tokenizer
-    from miniplm.data.tokens import DataSpec, build_token_cache, read_sequences
 
     for tok_dir, cache_root in ((tokenizer_dir, clean_run / "tokens"), (gpt2_eos_only_dir, tmp_path)):
         tok = load_tokenizer(str(tok_dir))
@@ -523,3 +523,26 @@ def test_training_sees_each_document_start_as_scoring_does(corpus, tokenizer_dir
                 assert stream[pos - 1] == prefix_token_id(tok), (tok_dir, part["name"], checked)
                 pos, checked = pos + len(ids), checked + 1
         assert checked >= 40
+
+
+def test_the_driver_bar_reads_only_what_the_metrics_log_gained(tmp_path):
+    """The driver's train bar (miniplm.training.progress) looks at metrics.jsonl every second:
+    it gets each appended row once, never a line still being written, and after a restore's
+    rewrite (a new file) the whole log again."""
+    from miniplm.training.loop import MetricsLog, append_line
+    from miniplm.training.progress import MetricsTail
+
+    url = str(tmp_path / "metrics.jsonl")
+    tail = MetricsTail(url)
+    assert tail.new_rows() == []  # no log yet
+    log = MetricsLog(url, resume_step=0)
+    for step in (1, 2):
+        log.append({"step": step, "loss": 1.0 / step})
+    assert [r["step"] for r in tail.new_rows()] == [1, 2]
+    assert tail.new_rows() == []
+    append_line(url, '{"step": 3, "loss": 0.3')  # torn: the rest of the line not yet written
+    assert tail.new_rows() == []
+    append_line(url, '}\n{"step": 4, "loss": 0.25}\n')
+    assert [r["step"] for r in tail.new_rows()] == [3, 4]
+    MetricsLog(url, resume_step=2).append({"step": 3, "loss": 0.31, "resumed_from": 2})  # a restore
+    assert [(r["step"], r["loss"]) for r in tail.new_rows()] == [(1, 1.0), (2, 0.5), (3, 0.31)]

@@ -13,11 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from miniplm import io
 from miniplm.models import load_tokenizer
 
 
@@ -69,8 +68,7 @@ def tokenize_part(batch: dict, encoder: TextEncoder) -> pa.Table:
     that depend only on the part: a resumed run reproduces a clean run's floats exactly."""
     rows = []
     for part, url in zip(batch["part"], batch["url"]):
-        with fsspec.open(str(url), "rb") as f:
-            table = pq.read_table(f, columns=["id", "text"])
+        table = io.read_part(str(url), ["id", "text"])
         ids = encoder.encode(table["text"].to_pylist())
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

@@ -20,8 +20,8 @@ import dataclasses
 
 import numpy as np
 
-from miniplm.prefetch import prefetched
 from miniplm.data.tokens import part_sequences
+from miniplm.prefetch import prefetched
 
 
 @dataclasses.dataclass(frozen=True)

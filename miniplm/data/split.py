@@ -17,7 +17,7 @@ def split_part(src: str, name: str, fraction: float, seed: int, inside: str, out
     written under the part's name. Returns per half its part entry and fingerprint state."""
     from miniplm.data.tokens import in_subset
 
-    table = io.read_part(src, name)
+    table = io.read_part(io.join(src, name))
     # keyed on the text, not the id (file:row): a text sits on one side wherever it appears, so
     # a model trained on one corpus's D_ref never saw the pool of another (other package versions)
     mask = in_subset(table["text"].to_pylist(), fraction, seed)

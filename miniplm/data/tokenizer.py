@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-import fsspec
-import pyarrow.parquet as pq
 
 from miniplm import console, io
 from miniplm.config import describe, field
@@ -34,12 +32,11 @@ def iter_texts(root: str, limit: int | None = None) -> Iterator[str]:
 
     n = 0
     for part in read_instances_manifest(root)["parts"]:
-        with fsspec.open(io.join(root, part["name"]), "rb") as f:
-            for text in pq.read_table(f, columns=["text"])["text"].to_pylist():
-                if limit is not None and n >= limit:
-                    return
-                n += 1
-                yield text
+        for text in io.read_part(io.join(root, part["name"]), ["text"])["text"].to_pylist():
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            yield text
 
 
 def run_train_tokenizer(cfg: TokenizerConfig) -> str:

@@ -14,10 +14,8 @@ import dataclasses
 import hashlib
 import json
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from miniplm import console, io
 from miniplm.config import field
@@ -73,8 +71,7 @@ def pack_part(batch: dict, encoder: TextEncoder, seq_len: int, fraction: float, 
     node = ray.get_runtime_context().get_node_id()  # recorded in each part it packs
     names = []
     for part, url in zip(batch["part"], batch["url"]):
-        with fsspec.open(str(url), "rb") as f:
-            table = pq.read_table(f, columns=["id", "text"])
+        table = io.read_part(str(url), ["id", "text"])
         keep = in_subset(table["id"].to_pylist(), fraction, seed)
         texts = [t for t, k in zip(table["text"].to_pylist(), keep) if k]
         stream = document_stream(encoder.encode(texts), encoder.bos_token_id, encoder.eos_token_id)
@@ -135,7 +132,7 @@ def _build(data: DataSpec, instances: dict, tokenizer_path: str, root: str) -> d
 
 def part_sequences(root: str, name: str) -> np.ndarray:
     """(rows, seq_len) int32 token ids of one cache part."""
-    col = io.read_part(root, name, ["input_ids"])["input_ids"].combine_chunks()
+    col = io.read_part(io.join(root, name), ["input_ids"])["input_ids"].combine_chunks()
     return col.values.to_numpy().reshape(len(col), -1)
 
 

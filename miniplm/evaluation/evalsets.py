@@ -23,7 +23,6 @@ import os
 import re
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from miniplm import io
 
@@ -50,7 +49,7 @@ def read_texts(root: str, source: str | None = None) -> list[str]:
     """Texts of an instances dataset (of one `source` when given), in manifest order."""
     texts = []
     for part in io.read_instances_manifest(root)["parts"]:
-        table = pq.read_table(io.join(root, io.plain_name(part["name"], f"{root} part")), columns=["text", "source"])
+        table = io.read_part(io.join(root, io.plain_name(part["name"], f"{root} part")), ["text", "source"])
         for text, src in zip(table["text"].to_pylist(), table["source"].to_pylist()):
             if source is None or src == source:
                 texts.append(text)
@@ -149,9 +148,9 @@ def bits_per_byte(model_dir: str, texts: dict[str, list[str]], batch_tokens: int
     scored in this process with the score stage's exact windowed log-likelihoods."""
     from transformers.utils import logging as hf_logging
 
-    from miniplm.scoring.logprob import SequenceScorer
     from miniplm.models import context_length, prefix_token_id
     from miniplm.models import load_model, load_tokenizer
+    from miniplm.scoring.logprob import SequenceScorer
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a weights-loading bar per model is noise in the demo's console

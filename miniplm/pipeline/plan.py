@@ -637,10 +637,10 @@ def trained_tokens(tokens: int | None, steps: int | None, batch_tokens: int) -> 
 def model_costs(cfg, tokenizers: dict, plan: Plan) -> list[ModelCost]:
     """Teacher and reference scoring the pool (and training first, where trained here), then
     each student's training, at plan.tflops per GPU."""
-    from miniplm.training.flops import flops_per_token, matmul_params
     from miniplm.models import context_length
     from miniplm.models import ModelSpec, model_config
     from miniplm.pipeline.run import resolve_builtin
+    from miniplm.training.flops import flops_per_token, matmul_params
 
     seq_len, pool, batch = cfg.train.seq_len, pool_share(cfg), cfg.train.batch_tokens
     pipeline_tok = resolve_builtin(cfg.tokenizer)

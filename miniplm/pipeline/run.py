@@ -13,13 +13,12 @@ import dataclasses
 import os
 import time
 
-
 from miniplm import console, io
-from miniplm.demo import teacher as demo_teacher
 from miniplm.config import describe, field, to_dict
+from miniplm.data.split import split_instances
+from miniplm.demo import teacher as demo_teacher
 from miniplm.demo.teacher import BUILTIN
 from miniplm.models import PRESETS, is_tokenizer_dir
-from miniplm.data.split import split_instances
 from miniplm.training.train import KDSpec
 
 CORPUS_KINDS = ("refined", "random", "full")
@@ -145,8 +144,8 @@ class PipelineConfig:
             teacher = resolve_builtin(self.teacher.checkpoint) if s.kd.teacher == "teacher" else s.kd.teacher
             tokenizer = s.tokenizer or resolve_builtin(self.tokenizer)
             if teacher and tokenizer:  # both exist already: a mismatch fails now, not hours in
-                from miniplm.training.distill import check_teacher
                 from miniplm.models import load_tokenizer_checked
+                from miniplm.training.distill import check_teacher
 
                 try:
                     check_teacher(teacher, load_tokenizer_checked(tokenizer), self.train.seq_len)
@@ -332,8 +331,8 @@ def prepare_data(cfg: PipelineConfig, step: Steps) -> dict[str, str]:
     """The corpus steps: sample corpus, instances, held-out set, D_ref split, tokenizer.
     Returns the paths the model steps use."""
     from miniplm.data.prepare import PrepareConfig, run_prepare
-    from miniplm.demo.sample_corpus import write_sample_corpus
     from miniplm.data.tokenizer import TokenizerConfig, run_train_tokenizer
+    from miniplm.demo.sample_corpus import write_sample_corpus
 
     p = lambda *names: os.path.join(cfg.output, *names)  # noqa: E731
     marker = step_markers(cfg)

@@ -17,11 +17,9 @@ import time
 import warnings
 from typing import Callable
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from miniplm import __version__, console, hub, io
@@ -29,9 +27,9 @@ from miniplm.cluster import check_paths_visible
 from miniplm.config import describe, field, to_dict
 from miniplm.data.encode import text_encoder, tokenize_part
 from miniplm.io import read_instances_manifest
-from miniplm.scoring.logprob import PACKING
 from miniplm.models import (DTYPES, check_model_dir, check_vocab, load_model, load_tokenizer, model_fingerprint,
                             resolve_dtype, tokenizer_fingerprint)
+from miniplm.scoring.logprob import PACKING
 
 SCORE_SCHEMA = pa.schema([("id", pa.string()), ("n_tokens", pa.int64()), ("logprob", pa.float64())])
 
@@ -150,8 +148,8 @@ class ScoreActor:
         def load_scorer():
             import torch
 
-            from miniplm.scoring.logprob import SequenceScorer
             from miniplm.models import prefix_token_id
+            from miniplm.scoring.logprob import SequenceScorer
 
             if device == "cpu":
                 torch.set_num_threads(num_threads)
@@ -379,8 +377,7 @@ def _finish(cfg: ScoreConfig, provenance: dict, expected: dict[str, int], second
     logprob = 0.0
     parts = []
     for name, n in expected.items():
-        with fsspec.open(io.join(cfg.output, name), "rb") as f:
-            table = pq.read_table(f, columns=["n_tokens", "logprob"])
+        table = io.read_part(io.join(cfg.output, name), ["n_tokens", "logprob"])
         if table.num_rows != n:
             raise RuntimeError(f"{cfg.output}/{name}: {table.num_rows} rows, expected {n}")
         part_tokens = pc.sum(table["n_tokens"]).as_py() or 0

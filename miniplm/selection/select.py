@@ -227,10 +227,10 @@ def align(ids: pa.ChunkedArray, table: pa.Table, what: str, role: str, part: str
 def read_joined_part(cfg: SelectConfig, name: str, columns: list[str]) -> pa.Table:
     """One instances part's `columns` + t_tokens, t_logprob (+ r_tokens, r_logprob), row for
     row; refuses a table part that does not hold each instance exactly once, finitely."""
-    instances = io.read_part(cfg.instances, name, columns)
+    instances = io.read_part(io.join(cfg.instances, name), columns)
     roles = [("teacher", cfg.teacher, "t")] + ([("reference", cfg.reference, "r")] if cfg.uses_reference else [])
     for role, root, prefix in roles:
-        table = io.read_part(root, name, ["id", "n_tokens", "logprob"])
+        table = io.read_part(io.join(root, name), ["id", "n_tokens", "logprob"])
         check_part_provenance(table, root, name, role)
         table = align(instances["id"], table, f"{role} table {root}", role, name)
         check_finite(table, f"{role} table {root}")
@@ -292,7 +292,7 @@ def rank_part(cfg: SelectConfig, name: str, with_tokens: bool) -> dict:
 
 def part_ids(root: str, name: str, rows: np.ndarray) -> list[str]:
     """Task: the ids at `rows` of one instances part (for ordering a tie group by id)."""
-    return io.read_part(root, name, ["id"])["id"].take(pa.array(rows)).to_pylist()
+    return io.read_part(io.join(root, name), ["id"])["id"].take(pa.array(rows)).to_pylist()
 
 
 def write_part(cfg: SelectConfig, name: str, kept_rows: np.ndarray, threshold: float,

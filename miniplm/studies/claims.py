@@ -171,9 +171,9 @@ def flops_per_token(config_path: str, tokenizer: str, seq_len: int, teacher: str
     models built on the meta device from their configs (no weights allocated or read)."""
     from transformers import AutoConfig
 
-    from miniplm.training.flops import flops_per_token as count
     from miniplm.models import ModelSpec, load_tokenizer, model_config
     from miniplm.pipeline.plan import meta_model
+    from miniplm.training.flops import flops_per_token as count
 
     student = meta_model(model_config(ModelSpec(preset=None, config=config_path, tokenizer=tokenizer),
                                       load_tokenizer(tokenizer), seq_len))

@@ -16,8 +16,8 @@ import os
 import statistics
 
 from miniplm import io
-from miniplm.pipeline.run import PipelineConfig, StudentSpec, run_pipeline
 from miniplm.evaluation.report import compute_saving_factor, load_run
+from miniplm.pipeline.run import PipelineConfig, StudentSpec, run_pipeline
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

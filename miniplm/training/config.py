@@ -8,8 +8,8 @@ import dataclasses
 import math
 
 from miniplm.config import field
-from miniplm.models import PRESETS, ModelSpec
 from miniplm.data.tokens import DataSpec
+from miniplm.models import PRESETS, ModelSpec
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -42,8 +42,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from miniplm.training.flops import flops_formula, flops_per_token
 from miniplm.models import head_is_plain
+from miniplm.training.flops import flops_formula, flops_per_token
 
 IGNORE = -100  # target of the last position of each row: nothing follows it
 

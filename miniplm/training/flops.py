@@ -5,6 +5,8 @@ peak FLOP/s that MFU divides by."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 # dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the device name;
@@ -58,3 +60,22 @@ def table_peak(device) -> tuple[float, str] | None:
         if key in name:
             return peak, f"table: {name} dense bf16 peak"
     return None
+
+
+def measure_peak_flops(device) -> float:
+    """Achievable dense matmul FLOP/s on this worker (fp32 on CPU, bf16 on GPU): MFU's denominator."""
+    import torch
+
+    dtype, n = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)

@@ -15,9 +15,9 @@ import time
 import fsspec
 
 from miniplm import io
-from miniplm.models import load_tokenizer
 from miniplm.data.sampler import CacheSampler
 from miniplm.data.tokens import read_sequences
+from miniplm.models import load_tokenizer
 from miniplm.training.config import TrainConfig
 
 
@@ -32,25 +32,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def measure_peak_flops(device) -> float:
-    """Achievable dense matmul FLOP/s on this worker (fp32 on CPU, bf16 on GPU): MFU's denominator."""
-    import torch
-
-    dtype, n = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    reps, start = 10, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
 # ---------------------------------------------------------------- the loop (runs on every worker)
 
 
@@ -60,10 +41,10 @@ def train_loop(loop_config: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from miniplm.training import distill
-    from miniplm.training.flops import table_peak
     from miniplm.config import build
     from miniplm.models import config_from_dict
+    from miniplm.training import distill
+    from miniplm.training.flops import measure_peak_flops, table_peak
 
     cfg: TrainConfig = build(TrainConfig, loop_config["cfg"])
     ctx = ray.train.get_context()
@@ -321,7 +302,7 @@ def load_metrics(url: str) -> list[dict]:
     rows = []
     for n, line in lines:
         try:
-            rows.append(_metrics_row(line))
+            rows.append(metrics_row(line))
         except ValueError:
             if n != lines[-1][0]:
                 raise ValueError(f"{url}: line {n} is not a JSON metrics row: {line[:80]!r}; only a "
@@ -331,7 +312,7 @@ def load_metrics(url: str) -> list[dict]:
     return rows
 
 
-def _metrics_row(line: bytes) -> dict:
+def metrics_row(line: bytes) -> dict:
     row = json.loads(line)  # bytes that are not UTF-8 raise a ValueError too
     if not isinstance(row, dict) or "step" not in row:
         raise ValueError("not a metrics row")

@@ -4,13 +4,13 @@ the workers' own output stays in Ray's log files, on any node."""
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from typing import Iterator
 
 import fsspec
 
 from miniplm import console, io
+from miniplm.training.loop import metrics_row
 
 
 @contextlib.contextmanager
@@ -38,14 +38,10 @@ def follow_metrics(url: str, total_steps: int) -> Iterator[None]:
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
 
     def follow() -> None:
-        seen = 0
+        tail = MetricsTail(url)
         while True:
             stopping = stop.wait(poll_s)
-            rows = read_rows(url)
-            if len(rows) < seen:  # a restored run dropped the lines after its checkpoint
-                seen = 0
-            show(rows[seen:])
-            seen = len(rows)
+            show(tail.new_rows())
             if stopping:
                 return
 
@@ -59,19 +55,34 @@ def follow_metrics(url: str, total_steps: int) -> Iterator[None]:
         bar.close()
 
 
-def read_rows(url: str) -> list[dict]:
-    """The complete rows of a metrics log being written: a line still being appended is skipped."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            lines = f.read().split(b"\n")
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in lines:
+class MetricsTail:
+    """The rows a metrics log gained since the last look. A local log is appended to, so only
+    its new bytes are read (a long run's log is not parsed again every second); a rewritten log
+    (a new file: a restore drops the lines after its checkpoint; an object store's log is
+    rewritten at every checkpoint) is read whole once more."""
+
+    def __init__(self, url: str):
+        self.url, self.identity, self.offset = url, None, 0
+
+    def new_rows(self) -> list[dict]:
         try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
+            size, version, *inode = io.file_identity(self.url)
+        except FileNotFoundError:
+            return []
+        identity = tuple(inode) or (size, version)  # on disk the inode: appends keep it
+        if identity != self.identity:
+            self.identity, self.offset = identity, 0
+        elif not inode or size == self.offset:
+            return []  # an object unchanged, or nothing appended
+        with fsspec.open(self.url, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data.rfind(b"\n") + 1  # a line still being appended waits for the next look
+        self.offset += complete
+        rows = []
+        for line in data[:complete].split(b"\n"):
+            try:
+                rows.append(metrics_row(line))
+            except ValueError:
+                continue
+        return rows

@@ -17,8 +17,8 @@ import time
 from fsspec.core import url_to_fs
 
 from miniplm import __version__, console, io
-from miniplm.models import ModelSpec, load_tokenizer_checked, model_config
 from miniplm.data.tokens import DataSpec, build_token_cache
+from miniplm.models import ModelSpec, load_tokenizer_checked, model_config
 from miniplm.training.config import EvalSpec, KDSpec, OptimSpec, TrainConfig
 
 __all__ = ["DataSpec", "EvalSpec", "KDSpec", "ModelSpec", "OptimSpec", "TrainConfig", "run_train"]
@@ -136,9 +136,9 @@ def _train_into(cfg: TrainConfig, settings: dict, hf_config) -> dict:
     from ray.train.torch import TorchTrainer
 
     from miniplm.config import to_dict
+    from miniplm.runtime import init_ray
     from miniplm.training.loop import train_loop
     from miniplm.training.progress import follow_metrics
-    from miniplm.runtime import init_ray
 
     previous = previous_settings(cfg.output)
     done_path = io.join(cfg.output, DONE)
